@@ -147,9 +147,9 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def tiny_vl_config(**runtime) -> ModelConfig:
-    """The tiny random Qwen2.5-VL used by tests, benches and the demo's smallest size."""
-    return ModelConfig(
+def tiny_vl_config(**changes) -> ModelConfig:
+    """The tiny random Qwen2.5-VL used by tests and benches (`changes` override any field)."""
+    cfg = ModelConfig(
         text=TextConfig(
             vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
             num_kv_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, mrope_section=(2, 3, 3),
@@ -160,5 +160,5 @@ def tiny_vl_config(**runtime) -> ModelConfig:
             fullatt_block_indexes=(1,),
         ),
         image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63,
-        **runtime,
     )
+    return cfg.replace(**changes)
