@@ -1,0 +1,308 @@
+"""Typed run configuration: a tree of dataclasses, read from YAML plus `key.sub=value` overrides.
+
+The mechanism (`from_dict`, `load`, `to_dict`) is generic over dataclasses: a new stage adds a
+section class and a field on `Config` (e.g. `grpo: GRPOSection`), nothing else. Every value is
+checked against its annotation when the config is built, so a typo or a wrong type fails at start
+with the dotted key named, instead of hours into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Optional, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the typed tree; the message names the dotted key."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """path: a Hugging Face checkpoint dir (weights are loaded); else `preset` names a random-init shape
+    (see `xr_jax.models.presets`); vocab_size overrides the preset's (to fit a tokenizer). The other fields are runtime choices (`ModelConfig` documents them)."""
+
+    path: Optional[str] = None
+    preset: str = "tiny"
+    vocab_size: Optional[int] = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
+    attention: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """shape: sizes of the ('data', 'fsdp', 'tensor') mesh axes; one -1 fills the remaining devices."""
+
+    shape: tuple[int, ...] = (-1, 1, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """source: "random" (built-in deterministic token batches, for smoke tests and benches) or a dataset
+    name/path read by the data pipeline. pack: first-fit packing of examples into rows."""
+
+    source: str = "random"
+    path: Optional[str] = None
+    split: str = "train"
+    pack: bool = True
+    shuffle: bool = True
+    tokenizer: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    """AdamW. Defaults are the paper's SFT: lr 1e-5, betas (0.9, 0.999), no weight decay, lr x0.8 per epoch.
+
+    schedule: "step_decay" (x `decay_per_epoch` each epoch), "cosine" or "linear" (to `min_lr_ratio` * lr
+    at the last step), or "constant"; all after `warmup_steps` of linear warmup. clip: global-norm
+    clipping threshold (0 disables).
+    """
+
+    lr: float = 1e-5
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: str = "step_decay"
+    warmup_steps: int = 0
+    decay_per_epoch: float = 0.8
+    min_lr_ratio: float = 0.0
+    clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    """steps: total optimizer steps (or `epochs` x `steps_per_epoch`). batch_size: GLOBAL rows per step,
+    split into `microbatches` inside the jitted step. seq_len: tokens per row. freeze_vision: the paper
+    trains on text only; the vision tower then gets no gradient and no optimizer state. loss_chunk:
+    tokens per chunk of the chunked cross-entropy. nan_patience: stop (with a checkpoint) after this many
+    non-finite steps in a row. peak_flops: per-device peak FLOP/s for MFU (None: a per-backend default,
+    an estimate on CPU)."""
+
+    steps: Optional[int] = None
+    epochs: Optional[int] = None
+    steps_per_epoch: Optional[int] = None
+    batch_size: int = 8
+    microbatches: int = 1
+    seq_len: int = 128
+    freeze_vision: bool = True
+    seed: int = 0
+    z_loss: float = 0.0
+    loss_chunk: int = 1024
+    nan_patience: int = 5
+    peak_flops: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    """dir None disables checkpoints. every: steps between saves (also at the end and on SIGTERM/SIGINT).
+    keep: how many recent checkpoints stay on disk. async_save: write in a background thread."""
+
+    dir: Optional[str] = None
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    """JSONL metrics go to `dir`/metrics.jsonl always; TensorBoard and W&B are imported only when enabled;
+    progress: a bar with rate and ETA when stderr is a terminal."""
+
+    dir: str = "runs/sft"
+    every: int = 1
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "xr-jax"
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    """initialize: "auto" calls `jax.distributed.initialize()` when a cluster is detected (SLURM, TPU pod,
+    or `coordinator` set), "always" calls it unconditionally, "never" runs single-process."""
+
+    initialize: str = "auto"
+    coordinator: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The root of a run's configuration; stages add their own sections here."""
+
+    model: ModelSection = ModelSection()
+    mesh: MeshSection = MeshSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    logging: LoggingSection = LoggingSection()
+    distributed: DistributedSection = DistributedSection()
+
+    def validate(self) -> "Config":
+        """Cross-field checks that the types alone cannot express."""
+        choices = {
+            "optim.schedule": (self.optim.schedule, ("step_decay", "cosine", "linear", "constant")),
+            "distributed.initialize": (self.distributed.initialize, ("auto", "always", "never")),
+            "model.dtype": (self.model.dtype, ("float32", "bfloat16", "float16")),
+            "model.param_dtype": (self.model.param_dtype, ("float32", "bfloat16", "float16")),
+            "model.remat": (self.model.remat, ("none", "full", "dots")),
+            "model.attention": (self.model.attention, ("auto", "einsum", "cudnn")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
+        positive = {
+            "train.batch_size": self.train.batch_size, "train.microbatches": self.train.microbatches,
+            "train.seq_len": self.train.seq_len, "train.loss_chunk": self.train.loss_chunk,
+            "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep,
+            "logging.every": self.logging.every, "train.nan_patience": self.train.nan_patience,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+        if self.train.batch_size % self.train.microbatches:
+            raise ConfigError(
+                f"train.batch_size {self.train.batch_size} is not divisible by train.microbatches "
+                f"{self.train.microbatches}; choose a batch size that is a multiple of the microbatch count"
+            )
+        if self.train.steps is None and (self.train.epochs is None or self.train.steps_per_epoch is None):
+            raise ConfigError("set train.steps, or both train.epochs and train.steps_per_epoch")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        if self.train.steps is not None:
+            return self.train.steps
+        return self.train.epochs * self.train.steps_per_epoch
+
+
+# ----------------------------------------------------------------------------- mechanism
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp, value, key: str):
+    """Check `value` against annotation `tp` (recursing into dataclasses, Optional, tuples, lists, dicts)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"config key '{key}' has value {value!r}; expected {_type_name(tp)}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' has value {value!r}; expected a list")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        items = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return origin(items)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' has value {value!r}; expected a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(
+            f"config key '{key}' has value {value!r} ({type(value).__name__}); expected {tp.__name__}")
+    return value
+
+
+def from_dict(cls, data: Optional[dict], prefix: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise `ConfigError`."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}' must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            near = difflib.get_close_matches(str(name), list(fields), n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else (
+                f" (known keys: {', '.join(fields)})")
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        kwargs[name] = _coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (lists for tuples) — what `from_dict` reads back; saved with checkpoints."""
+
+    def plain(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(cfg)
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """`a.b.c=value` into a nested dict; the value is parsed as a YAML scalar/flow value ("[2,2,2]", "null")."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r} has an empty key part")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: '{'.'.join(parts[:i + 1])}' is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({e})") from None
+
+
+def load(path: Optional[str] = None, overrides: Sequence[str] = (), cls=Config):
+    """YAML file (optional) + overrides -> a validated `cls` instance."""
+    tree: dict = {}
+    if path is not None:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
+    for override in overrides:
+        apply_override(tree, override)
+    cfg = from_dict(cls, tree)
+    return cfg.validate() if hasattr(cfg, "validate") else cfg

@@ -1,0 +1,42 @@
+"""Named model shapes for random-init runs, tests and benches (`model.preset` in a run config).
+
+Real runs load a checkpoint (`model.path`); these shapes follow the published configs so that FLOPs,
+memory and timings measured on them are those of the real models.
+"""
+
+from __future__ import annotations
+
+from xr_jax.models.config import ModelConfig, TextConfig, VisionConfig, tiny_vl_config
+
+_QWEN25_1_5B = TextConfig(
+    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2,
+    rope_theta=1e6, mrope_section=None, tie_word_embeddings=True, max_position_embeddings=32768,
+)
+_QWEN25_VL_3B = TextConfig(
+    vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36, num_heads=16, num_kv_heads=2,
+    mrope_section=(16, 24, 24), tie_word_embeddings=True,
+)
+
+PRESETS = {
+    # text-only tiny Qwen2.5 (the shape of tests/hf_reference.py)
+    "tiny": lambda: tiny_vl_config(vision=None),
+    "tiny-vl": tiny_vl_config,
+    # a CPU-benchable text model: big enough that matmuls dominate, small enough for 2 cores
+    "small": lambda: tiny_vl_config(vision=None).replace(text=TextConfig(
+        vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=2,
+        mrope_section=(4, 6, 6), max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
+    )),
+    "qwen2.5-1.5b": lambda: ModelConfig(text=_QWEN25_1_5B, vision=None),
+    "qwen2.5-vl-3b": lambda: ModelConfig(
+        text=_QWEN25_VL_3B, vision=VisionConfig(out_hidden_size=2048)),
+    "qwen2.5-vl-7b": ModelConfig,
+}
+
+
+def preset(name: str, **runtime) -> ModelConfig:
+    """The named shape with runtime fields (dtype, scan_layers, ...) replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    cfg = PRESETS[name]().replace(**runtime)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,79 @@
+"""Token losses computed from final hidden states in chunks, never materialising [tokens, vocab] logits.
+
+At 4096 tokens x 152k vocab the fp32 logits of one row are 2.5 GB; here the sequence is cut into
+chunks of `chunk` tokens, each chunk's logits are made, reduced to (log p(target), logsumexp) in fp32
+and dropped. `jax.checkpoint` on the chunk body makes the backward pass recompute a chunk's logits
+instead of keeping all of them, so peak memory is one chunk of logits in both directions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+HeadFn = Callable[[jax.Array], jax.Array]  # hidden [..., D] -> logits [..., V]
+
+
+def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """[B, T, ...] -> [n, B, chunk, ...], padding T up to a multiple of `chunk` (batch axis kept second so
+    its sharding is untouched)."""
+    b, t = x.shape[:2]
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+
+
+def _from_chunks(x: jax.Array, t: int) -> jax.Array:
+    """[n, B, chunk] -> [B, T]."""
+    n, b, c = x.shape
+    return jnp.moveaxis(x, 0, 1).reshape(b, n * c)[:, :t]
+
+
+def target_logprobs_and_lse(
+    hidden: jax.Array, targets: jax.Array, head_fn: HeadFn, temperature: float = 1.0, chunk: int = 1024,
+) -> tuple[jax.Array, jax.Array]:
+    """(log p(targets), logsumexp of the scaled logits), both fp32 [B, T], from hidden [B, T, D].
+
+    logits = head_fn(hidden) / temperature, upcast to fp32 before the softmax statistics.
+    """
+    t = hidden.shape[1]
+    chunk = min(chunk, t)
+
+    @jax.checkpoint
+    def one(args):
+        h, tgt = args
+        logits = head_fn(h).astype(jnp.float32) / temperature
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        # select by comparison rather than a gather: stays local when the vocab axis is sharded
+        vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        picked = jnp.sum(jnp.where(vocab == tgt[..., None], logits, 0.0), axis=-1)
+        return picked - lse, lse
+
+    logp, lse = jax.lax.map(one, (_to_chunks(hidden, chunk), _to_chunks(targets, chunk)))
+    return _from_chunks(logp, t), _from_chunks(lse, t)
+
+
+def token_logprobs(
+    hidden: jax.Array, targets: jax.Array, head_fn: HeadFn, temperature: float = 1.0, chunk: int = 1024,
+) -> jax.Array:
+    """Per-token log-probabilities [B, T] (fp32) of `targets` under softmax(logits / temperature) — what
+    the policy-gradient loss needs at the sampling temperature."""
+    return target_logprobs_and_lse(hidden, targets, head_fn, temperature, chunk)[0]
+
+
+def cross_entropy_sums(
+    hidden: jax.Array, targets: jax.Array, loss_mask: jax.Array, head_fn: HeadFn, chunk: int = 1024,
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked token cross-entropy, sum of masked logsumexp^2), fp32 scalars.
+
+    Sums, not means: the caller divides by the token count of the *global* batch, which is what makes
+    the loss independent of packing, microbatching and the mesh. The second sum is the z-loss term
+    (PaLM): it keeps the softmax normaliser near 1.
+    """
+    logp, lse = target_logprobs_and_lse(hidden, targets, head_fn, 1.0, chunk)
+    mask = loss_mask.astype(jnp.float32)
+    return -jnp.sum(logp * mask), jnp.sum(jnp.square(lse) * mask)

@@ -1,0 +1,153 @@
+"""Supervised fine-tuning: the loss, the jitted train step, and `main(config)` (stage 1 of the recipe).
+
+The loss is the sum of token cross-entropies over the loss mask divided by the number of masked
+tokens in the whole *global* batch (all microbatches, all devices): the same number whatever the
+packing, the microbatch count or the mesh, so every layout trains the same model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from xr_jax import parallel
+from xr_jax.models.config import ModelConfig
+from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
+from xr_jax.train.losses import cross_entropy_sums
+from xr_jax.train.state import TrainState
+
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def make_loss_fn(model_cfg: ModelConfig, *, z_loss: float = 0.0, chunk: int = 1024, frozen: tuple[str, ...] = ()):
+    """`loss(params, batch, count) -> (objective, (ce_sum, z_sum))`; objective = (ce + z_loss * z) / count.
+
+    Frozen top-level subtrees get `stop_gradient`, so XLA does not even compute their gradients.
+    """
+    model = Qwen2_5_VL(model_cfg)
+
+    def loss(params, batch, count):
+        params = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
+        hidden, _ = model.apply(
+            {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"], return_hidden=True)
+        head = lambda h: model.apply({"params": params}, h, method="logits")  # noqa: E731
+        ce, z = cross_entropy_sums(hidden, batch["targets"], batch["loss_mask"], head, chunk)
+        return (ce + z_loss * z) / count, (ce, z)
+
+    return loss
+
+
+def split_microbatches(batch: dict, n: int, mesh: Mesh | None = None) -> dict:
+    """[B, ...] -> [n, B/n, ...] taking rows i*n + m into microbatch m (strided).
+
+    Strided, not contiguous: each device's contiguous block of rows then holds rows of every
+    microbatch, so every microbatch is spread over all data-parallel devices.
+    """
+
+    def one(x):
+        b = x.shape[0]
+        x = jnp.swapaxes(x.reshape((b // n, n) + x.shape[1:]), 0, 1)
+        if mesh is not None:
+            spec = P(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        return x
+
+    return {k: one(v) for k, v in batch.items()}
+
+
+def compute_grads(loss_fn, params, batch: dict, microbatches: int = 1, mesh: Mesh | None = None, grad_shardings=None):
+    """(grads, ce_sum, z_sum, count) of `loss_fn` over the batch, accumulated over microbatches in a scan."""
+    count = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        grads, (ce, z) = grad_fn(params, batch, count)
+        return grads, ce, z, count
+
+    def body(carry, mb):
+        acc, ce_acc, z_acc = carry
+        g, (ce, z) = grad_fn(params, mb, count)
+        return (jax.tree_util.tree_map(jnp.add, acc, g), ce_acc + ce, z_acc + z), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    if grad_shardings is not None:
+        zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, ce, z), _ = jax.lax.scan(body, init, split_microbatches(batch, microbatches, mesh))
+    return grads, ce, z, count
+
+
+def _schedule_count(opt_state) -> jax.Array:
+    """The optimizer's own step count (what the schedule sees; it does not advance on skipped steps)."""
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    return counts[0][1] if counts else jnp.zeros((), jnp.int32)
+
+
+def make_train_step(
+    model_cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+    microbatches: int = 1, z_loss: float = 0.0, chunk: int = 1024, frozen: tuple[str, ...] = (),
+    mesh: Mesh | None = None, shardings: TrainState | None = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure step `(state, batch) -> (state, metrics)`.
+
+    A non-finite loss or gradient norm leaves params and optimizer state unchanged (`metrics['skipped']`
+    = 1); the step counter and RNG still advance, as the batch was consumed.
+    """
+    loss_fn = make_loss_fn(model_cfg, z_loss=z_loss, chunk=chunk, frozen=frozen)
+
+    def step(state: TrainState, batch: dict):
+        batch = {k: batch[k] for k in BATCH_KEYS}
+        grads, ce, z, count = compute_grads(
+            loss_fn, state.params, batch, microbatches, mesh, None if shardings is None else shardings.params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ok = jnp.isfinite(ce) & jnp.isfinite(z) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+            rng=jax.random.split(state.rng)[0],
+        )
+        metrics = {
+            "loss": ce / count, "z_loss": z / count, "tokens": count, "grad_norm": grad_norm,
+            "lr": schedule(_schedule_count(state.opt_state)), "skipped": (~ok).astype(jnp.int32),
+        }
+        return new_state, metrics
+
+    return step
+
+
+def jit_train_step(step_fn, mesh: Mesh, shardings: TrainState):
+    """jit with explicit shardings: state as given (donated), batch rows over ('data','fsdp'), metrics replicated."""
+    rows = parallel.batch_sharding(mesh)
+    return jax.jit(
+        step_fn, in_shardings=(shardings, {k: rows for k in BATCH_KEYS}),
+        out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0,
+    )
+
+
+def check_batch_layout(batch_size: int, microbatches: int, mesh: Mesh, process_count: int = 1) -> None:
+    """Fail at start, naming both numbers and a fix, when the batch does not split over the mesh."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % microbatches:
+        raise parallel.MeshError(
+            f"train.batch_size {batch_size} is not divisible by train.microbatches {microbatches}; "
+            "make the batch size a multiple of the microbatch count")
+    if (batch_size // microbatches) % dp:
+        raise parallel.MeshError(
+            f"each microbatch has {batch_size // microbatches} rows (train.batch_size {batch_size} / "
+            f"train.microbatches {microbatches}) but the mesh has data x fsdp = {dp} batch shards; use a batch "
+            f"size that is a multiple of {dp * microbatches} or change mesh.shape")
+    if batch_size % process_count:
+        raise parallel.MeshError(
+            f"train.batch_size {batch_size} is not divisible by {process_count} processes")
+
+
+def main(config: Any) -> dict:
+    """Run SFT from a resolved `xr_jax.config.Config`; returns the last step's metrics."""
+    from xr_jax.train import run as run_lib
+
+    return run_lib.run_sft(config)

@@ -1,0 +1,149 @@
+"""Train state (params, optimizer state, step, RNG), the optax optimizer and its learning-rate schedules.
+
+Params are fp32 master weights (`model.param_dtype`); the model casts them to the compute dtype at use,
+so mixed precision needs nothing here. The optimizer state mirrors the params, and so does its sharding
+(`state_shardings`). Freezing a subtree (the vision tower) routes it to `optax.set_to_zero()` inside a
+`multi_transform`, so AdamW allocates no moments for it at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from xr_jax import parallel
+from xr_jax.config import OptimSection
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training and must be checkpointed (besides the data position)."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken (skipped non-finite steps included)
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32[2] raw PRNG key, advanced every step
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def make_schedule(optim: OptimSection, total_steps: int, steps_per_epoch: Optional[int] = None) -> optax.Schedule:
+    """Learning rate as a function of the optimizer step.
+
+    "step_decay" is the paper's SFT schedule: lr x `decay_per_epoch` after every epoch (`steps_per_epoch`
+    optimizer steps; without it, the whole run is one epoch).
+    """
+    warmup = optim.warmup_steps
+    end = optim.lr * optim.min_lr_ratio
+    if optim.schedule == "step_decay":
+        every = max(1, steps_per_epoch or total_steps)
+        main = lambda s: optim.lr * optim.decay_per_epoch ** ((s + warmup) // every)  # noqa: E731
+    elif optim.schedule == "cosine":
+        main = optax.cosine_decay_schedule(optim.lr, max(1, total_steps - warmup), alpha=optim.min_lr_ratio)
+    elif optim.schedule == "linear":
+        main = optax.linear_schedule(optim.lr, end, max(1, total_steps - warmup))
+    elif optim.schedule == "constant":
+        main = optax.constant_schedule(optim.lr)
+    else:
+        raise ValueError(f"optim.schedule {optim.schedule!r} is not one of step_decay/cosine/linear/constant")
+    if not warmup:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), main], [warmup])
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def trainable_labels(params: Mapping, frozen: tuple[str, ...]) -> Any:
+    """'frozen' for every leaf under a top-level key in `frozen` (e.g. 'visual'), else 'train'."""
+    return {k: jax.tree_util.tree_map(lambda _: "frozen" if k in frozen else "train", v) for k, v in params.items()}
+
+
+def make_optimizer(
+    optim: OptimSection, total_steps: int, steps_per_epoch: Optional[int] = None, frozen: tuple[str, ...] = (),
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clipping + AdamW (decoupled decay, as `torch.optim.AdamW`), frozen subtrees zeroed."""
+    schedule = make_schedule(optim, total_steps, steps_per_epoch)
+    parts = [optax.clip_by_global_norm(optim.clip)] if optim.clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay))
+    tx = optax.chain(*parts)
+    if frozen:
+        tx = optax.multi_transform(
+            {"train": tx, "frozen": optax.set_to_zero()}, lambda p: trainable_labels(p, frozen))
+    return tx, schedule
+
+
+# ----------------------------------------------------------------------------- creation and sharding
+
+
+def state_shardings(tx: optax.GradientTransformation, boxed_params, mesh: Mesh, rules=None) -> TrainState:
+    """NamedSharding tree of the TrainState: optimizer moments take their param's sharding.
+
+    An optimizer-state leaf belongs to the param whose path is the tail of its own dict-key path (AdamW's
+    `mu['model']['layers']...`, also inside multi-transform states); anything else (counts) is replicated.
+    """
+    p_shard = parallel.param_shardings(boxed_params, mesh, rules)
+    replicated = NamedSharding(mesh, P())
+    by_path = {_dict_keys(path): sh for path, sh in jax.tree_util.tree_leaves_with_path(p_shard)}
+    depth = max(map(len, by_path))
+
+    def one(path, leaf):
+        keys = _dict_keys(path)
+        for n in range(min(depth, len(keys)), 0, -1):
+            if keys[-n:] in by_path:
+                return by_path[keys[-n:]]
+        return replicated
+
+    abstract_opt = jax.eval_shape(tx.init, nn.unbox(boxed_params))
+    opt_shard = jax.tree_util.tree_map_with_path(one, abstract_opt)
+    return TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+    return tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
+
+
+def _build(init_params_fn, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    key, init_key = jax.random.split(jax.random.PRNGKey(seed))
+    params = nn.unbox(init_params_fn(init_key))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=key)
+
+
+def init_state(
+    init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, seed: int,
+    shardings: TrainState,
+) -> TrainState:
+    """A fresh state built directly on the mesh (no full copy on one device first).
+
+    `init_params_fn(rng)` returns params (boxed or not); the key left after the param draw is kept.
+    """
+    return jax.jit(lambda: _build(init_params_fn, tx, seed), out_shardings=shardings)()
+
+
+def state_from_params(params, tx: optax.GradientTransformation, seed: int, shardings: TrainState) -> TrainState:
+    """A state around given (e.g. loaded) params; the optimizer state is created on the mesh."""
+    params = jax.device_put(params, shardings.params)
+
+    def build(p):
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=jax.random.PRNGKey(seed))
+
+    return jax.jit(build, out_shardings=shardings, donate_argnums=0)(params)
+
+
+def abstract_state(init_params_fn, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """ShapeDtypeStructs carrying shardings: the restore target for a checkpoint on this mesh."""
+    shapes = jax.eval_shape(lambda: _build(init_params_fn, tx, 0))
+    return jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def param_count(params) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
