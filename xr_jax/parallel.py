@@ -164,3 +164,52 @@ def use_mesh(mesh: Mesh, rules=None):
     """Activate the mesh and the logical rules for tracing/running sharded code."""
     with jax.set_mesh(mesh), axis_rules(rules):
         yield
+
+
+def check_model_fits_mesh(cfg, mesh: Mesh) -> None:
+    """Fail at start, naming both numbers and a fix, when tensor parallelism cannot split the model.
+
+    Query heads and the MLP width must divide over `tensor` (KV heads may not: they are replicated,
+    as with 4 KV heads on tensor=8).
+    """
+    tp = mesh.shape["tensor"]
+    if tp == 1:
+        return
+    t = cfg.text
+    for name, value in (("text.num_heads", t.num_heads), ("text.intermediate_size", t.intermediate_size)):
+        if value % tp:
+            divisors = [d for d in range(1, tp + 1) if value % d == 0]
+            raise MeshError(
+                f"{name} {value} is not divisible by the mesh's tensor axis {tp}; set mesh.shape so that "
+                f"tensor is one of {divisors} (and move the rest to data or fsdp)")
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+    """Assemble global arrays, rows sharded over ('data', 'fsdp'), from this process's rows.
+
+    Each process passes only its own rows (`B / process_count`); on one process this is a device_put.
+    """
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in local.items()}
+
+
+def initialize_distributed(mode: str = "auto", coordinator: Optional[str] = None,
+                           num_processes: Optional[int] = None, process_id: Optional[int] = None) -> bool:
+    """Call `jax.distributed.initialize` for multi-host runs; returns whether it was called.
+
+    "auto" initialises when a coordinator is given or a multi-task SLURM job / multi-host TPU slice is
+    detected (JAX then finds the coordinator itself); "always" and "never" force the choice.
+    """
+    import os
+
+    if mode == "never":
+        return False
+    detected = (
+        coordinator is not None
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    )
+    if mode == "auto" and not detected:
+        return False
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return True

@@ -7,14 +7,17 @@ packing, the microbatch count or the mesh, so every layout trains the same model
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xr_jax import parallel
+from xr_jax.models import presets
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
 from xr_jax.train.losses import cross_entropy_sums
@@ -113,6 +116,7 @@ def make_train_step(
         )
         metrics = {
             "loss": ce / count, "z_loss": z / count, "tokens": count, "grad_norm": grad_norm,
+            "input_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
             "lr": schedule(_schedule_count(state.opt_state)), "skipped": (~ok).astype(jnp.int32),
         }
         return new_state, metrics
@@ -146,8 +150,95 @@ def check_batch_layout(batch_size: int, microbatches: int, mesh: Mesh, process_c
             f"train.batch_size {batch_size} is not divisible by {process_count} processes")
 
 
-def main(config: Any) -> dict:
-    """Run SFT from a resolved `xr_jax.config.Config`; returns the last step's metrics."""
-    from xr_jax.train import run as run_lib
+def build_model(config, mesh: Mesh):
+    """(ModelConfig, params or None): from `model.path` (loaded straight into the mesh) or a preset."""
+    m = config.model
+    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
+                   attention=m.attention)
+    if m.path is not None:
+        from xr_jax.models import hf
 
-    return run_lib.run_sft(config)
+        cfg = hf.read_config(m.path, **runtime)
+        _, params = hf.load_hf(m.path, dtype=m.param_dtype, shardings=parallel.path_shardings(cfg, mesh), **runtime)
+        return cfg, params
+    cfg = presets.preset(m.preset, **runtime)
+    if m.vocab_size is not None:
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=m.vocab_size))
+    return cfg, None
+
+
+def make_batches(config, model_cfg: ModelConfig):
+    """The process-local batch iterator named by `data.source`."""
+    if config.data.source == "random":
+        from xr_jax.data.random_tokens import RandomTokenBatches
+
+        return RandomTokenBatches(
+            config.train.batch_size, config.train.seq_len, model_cfg.text.vocab_size, seed=config.train.seed,
+            process_index=jax.process_index(), process_count=jax.process_count())
+    raise NotImplementedError(
+        f"data.source {config.data.source!r}: dataset sources come with xr_jax.data.pipeline (not merged yet); "
+        "use data.source=random")
+
+
+def main(config) -> dict:
+    """Run (or resume) SFT from a resolved `xr_jax.config.Config`; returns the last step's metrics."""
+    from xr_jax import checkpoint as ckpt_lib
+    from xr_jax.config import to_dict
+    from xr_jax.models.qwen2_5_vl import init_params
+    from xr_jax.train import flops, loop, state as state_lib
+
+    d = config.distributed
+    parallel.initialize_distributed(d.initialize, d.coordinator, d.num_processes, d.process_id)
+    mesh = parallel.make_mesh(config.mesh.shape)
+    model_cfg, loaded = build_model(config, mesh)
+    parallel.check_model_fits_mesh(model_cfg, mesh)
+    tr = config.train
+    check_batch_layout(tr.batch_size, tr.microbatches, mesh, jax.process_count())
+    frozen = ("visual",) if tr.freeze_vision and model_cfg.vision is not None else ()
+    tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps, tr.steps_per_epoch, frozen)
+    init_fn = lambda key: init_params(model_cfg, key)  # noqa: E731
+    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    shardings = state_lib.state_shardings(tx, boxed, mesh)
+    batches = make_batches(config, model_cfg)
+    config_dict = to_dict(config)
+
+    checkpointer = None
+    restored = None
+    if config.checkpoint.dir is not None:
+        c = config.checkpoint
+        checkpointer = ckpt_lib.Checkpointer(c.dir, keep=c.keep, every=c.every, async_save=c.async_save)
+        restored = checkpointer.restore(state_lib.abstract_state(init_fn, tx, shardings))
+    if restored is not None:
+        state = restored.state
+        if restored.data_state:
+            batches.set_state(restored.data_state)
+        loop.log.info("resumed from %s step %d", checkpointer.directory, restored.step)
+    elif loaded is not None:
+        state = state_lib.state_from_params(loaded, tx, tr.seed, shardings)
+    else:
+        state = state_lib.init_state(init_fn, tx, tr.seed, shardings)
+
+    step_fn = jit_train_step(
+        make_train_step(model_cfg, tx, schedule, microbatches=tr.microbatches, z_loss=tr.z_loss,
+                        chunk=tr.loss_chunk, frozen=frozen, mesh=mesh, shardings=shardings),
+        mesh, shardings)
+    peak = (tr.peak_flops or flops.peak_flops()) * mesh.size
+    flops_fn = lambda b: flops.text_train_flops(  # noqa: E731
+        model_cfg, float((np.asarray(b["segment_ids"]) > 0).sum()) * jax.process_count(), tr.seq_len) + (
+        flops.vision_flops(model_cfg, b.get("image_grid_thw"), trained=not frozen))
+    lg = config.logging
+    logger = loop.MetricsLogger(lg.dir, tensorboard=lg.tensorboard, wandb=lg.wandb, wandb_project=lg.wandb_project,
+                                config=config_dict)
+    try:
+        with parallel.use_mesh(mesh):
+            result = loop.run_loop(
+                state, step_fn, batches, total_steps=config.total_steps,
+                put_batch=lambda b: parallel.global_batch({k: b[k] for k in BATCH_KEYS}, mesh),
+                logger=logger, checkpointer=checkpointer, config_dict=config_dict, nan_patience=tr.nan_patience,
+                flops_fn=flops_fn, peak_flops=peak, log_every=lg.every, progress=lg.progress,
+            )
+    finally:
+        logger.close()
+        if checkpointer is not None:
+            checkpointer.close()
+    return result.last or {}

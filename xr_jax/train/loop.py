@@ -1,0 +1,209 @@
+"""The training loop both trainers share: data -> jitted step -> metrics, checkpoints, preemption, NaN guard.
+
+The loop knows nothing about the loss: it takes a step function `(state, global_batch) -> (state,
+metrics)`, an iterator of process-local batches with `get_state`/`set_state`, and a checkpointer. It
+saves every N steps, at the end, and when SIGTERM/SIGINT arrives (after the current step, so what is
+saved is a consistent state); after `nan_patience` skipped (non-finite) steps in a row it saves and stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import numpy as np
+
+log = logging.getLogger("xr_jax.train")
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after too many consecutive non-finite steps (a checkpoint has been saved first)."""
+
+
+# ----------------------------------------------------------------------------- metrics sinks
+
+
+class MetricsLogger:
+    """JSONL always (`dir/metrics.jsonl`, appended: a resumed run continues the file); TensorBoard and
+    W&B only when asked — their packages are imported then, and only on process 0."""
+
+    def __init__(self, directory: str, *, tensorboard: bool = False, wandb: bool = False,
+                 wandb_project: str = "xr-jax", config: Optional[dict] = None):
+        self.main = jax.process_index() == 0
+        self._file = self._tb = self._wandb = None
+        if not self.main:
+            return
+        os.makedirs(directory, exist_ok=True)
+        self._file = open(os.path.join(directory, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as e:
+                raise ImportError("logging.tensorboard=true needs `pip install tensorboardX`") from e
+            self._tb = SummaryWriter(directory)
+        if wandb:
+            try:
+                import wandb as wandb_lib
+            except ImportError as e:
+                raise ImportError("logging.wandb=true needs `pip install wandb`") from e
+            self._wandb = wandb_lib.init(project=wandb_project, config=config, dir=directory, resume="allow")
+
+    def log(self, record: dict) -> None:
+        if not self.main:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class Progress:
+    """A tqdm bar (rate, ETA, latest loss) when stderr is a terminal; nothing otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self._bar = None
+        if enabled and sys.stderr.isatty() and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, record: dict) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class Preemption:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (all processes agree on it)."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+
+    def _handler(self, signum, frame):
+        self.signal = signum
+
+    @contextlib.contextmanager
+    def installed(self):
+        old = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def requested(self) -> bool:
+        flag = self.signal is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+        return flag
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    last: Optional[dict]
+    reason: str  # "done", "data_exhausted", "preempted"
+
+
+def run_loop(
+    state,
+    step_fn: Callable[[Any, dict], tuple[Any, dict]],
+    batches: Iterator[dict],
+    *,
+    total_steps: int,
+    put_batch: Callable[[dict], dict],
+    logger: MetricsLogger,
+    checkpointer=None,
+    config_dict: Optional[dict] = None,
+    nan_patience: int = 5,
+    flops_fn: Optional[Callable[[dict], float]] = None,
+    peak_flops: Optional[float] = None,
+    log_every: int = 1,
+    progress: bool = True,
+) -> LoopResult:
+    """Train from `state.step` to `total_steps`.
+
+    flops_fn(local_batch) -> FLOPs of the global step, for MFU against `peak_flops` (whole mesh).
+    """
+    start = int(jax.device_get(state.step))
+    bar = Progress(total_steps, start, progress)
+    preempt = Preemption()
+    bad_in_a_row, last, reason = 0, None, "done"
+
+    def save(step, force):
+        if checkpointer is not None:
+            checkpointer.save(step, state, batches.get_state(), config_dict, force=force)
+
+    try:
+        with preempt.installed():
+            for step in range(start, total_steps):
+                try:
+                    local = next(batches)
+                except StopIteration:
+                    reason = "data_exhausted"
+                    break
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, put_batch(local))
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.perf_counter() - t0
+                record = {"step": step + 1, **metrics, "step_time": dt,
+                          "tokens_per_s": metrics.get("input_tokens", 0.0) / dt}
+                if flops_fn is not None and peak_flops:
+                    record["mfu"] = flops_fn(local) / dt / peak_flops
+                last = record
+                if (step + 1) % log_every == 0 or step + 1 == total_steps:
+                    logger.log(record)
+                bar.update(record)
+                bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped") else 0
+                if bad_in_a_row >= nan_patience:
+                    save(step + 1, force=True)
+                    raise NonFiniteError(
+                        f"{bad_in_a_row} non-finite steps in a row (last at step {step + 1}); checkpoint saved, "
+                        "stopping — lower the learning rate or inspect the data")
+                if preempt.requested():
+                    log.warning("signal %s: saving a checkpoint at step %d and stopping", preempt.signal, step + 1)
+                    save(step + 1, force=True)
+                    reason = "preempted"
+                    break
+                save(step + 1, force=step + 1 == total_steps)
+            else:
+                save(total_steps, force=True)
+        if reason == "data_exhausted":
+            save(int(jax.device_get(state.step)), force=True)
+    finally:
+        if checkpointer is not None:
+            checkpointer.wait()
+        bar.close()
+    return LoopResult(state=state, last=last, reason=reason)
