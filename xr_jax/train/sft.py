@@ -105,7 +105,7 @@ def make_train_step(
         batch = {k: batch[k] for k in BATCH_KEYS}
         grads, ce, z, count = compute_grads(
             loss_fn, state.params, batch, microbatches, mesh, None if shardings is None else shardings.params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ok = jnp.isfinite(ce) & jnp.isfinite(z) & jnp.isfinite(grad_norm)

@@ -128,14 +128,15 @@ def init_state(
 
 
 def state_from_params(params, tx: optax.GradientTransformation, seed: int, shardings: TrainState) -> TrainState:
-    """A state around given (e.g. loaded) params; the optimizer state is created on the mesh."""
+    """A state around given (e.g. loaded) params, placed on the mesh; the optimizer state is created there.
+
+    Device arrays already in place become the state's own buffers (the train step donates them): pass host
+    arrays to keep a separate copy.
+    """
     params = jax.device_put(params, shardings.params)
-
-    def build(p):
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=jax.random.PRNGKey(seed))
-
-    return jax.jit(build, out_shardings=shardings, donate_argnums=0)(params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    step, rng = jax.device_put((jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed)), (shardings.step, shardings.rng))
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
 
 def abstract_state(init_params_fn, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
