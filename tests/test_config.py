@@ -1,0 +1,57 @@
+"""Typed config: YAML + dotted overrides, errors that name the key, round trip through to_dict."""
+
+import dataclasses
+
+import pytest
+
+from xr_jax import config as C
+
+ROOT_YAML = "configs/tiny_sft.yaml"
+
+
+def test_yaml_plus_overrides_are_typed_and_round_trip():
+    cfg = C.load(ROOT_YAML, ["optim.lr=2e-5", "mesh.shape=[2,2,2]", "checkpoint.dir=/tmp/x", "train.peak_flops=1e12",
+                             "model.vocab_size=null"])
+    assert cfg.optim.lr == 2e-5 and isinstance(cfg.optim.lr, float)
+    assert cfg.mesh.shape == (2, 2, 2) and cfg.checkpoint.dir == "/tmp/x" and cfg.train.peak_flops == 1e12
+    assert cfg.train.seq_len == 64 and cfg.optim.schedule == "cosine"  # from the file
+    assert C.from_dict(C.Config, C.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=1e-4", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+    ("trian.steps=3", "unknown config key 'trian' (did you mean 'train'?)"),
+    ("train.steps=ten", "config key 'train.steps' has value 'ten' (str); expected int"),
+    ("train.freeze_vision=3", "config key 'train.freeze_vision' has value 3 (int); expected bool"),
+    ("mesh.shape=[2,x,1]", "config key 'mesh.shape[1]' has value 'x' (str); expected int"),
+    ("optim.schedule=exp", "config key 'optim.schedule' is 'exp'; expected one of step_decay, cosine, linear, constant"),
+    ("train.batch_size=6", "train.batch_size 6 is not divisible by train.microbatches 4"),
+    ("optim", "override 'optim' must look like key.sub=value"),
+])
+def test_bad_keys_and_values_fail_naming_the_key(override, message):
+    with pytest.raises(C.ConfigError) as e:
+        C.load(ROOT_YAML, ["train.microbatches=4", override])
+    assert message in str(e.value)
+
+
+def test_a_new_section_needs_no_change_to_the_mechanism():
+    @dataclasses.dataclass(frozen=True)
+    class GRPOSection:
+        group_size: int = 8
+        clip_high: float = 0.28
+
+    @dataclasses.dataclass(frozen=True)
+    class WithGRPO(C.Config):
+        grpo: GRPOSection = GRPOSection()
+
+    cfg = C.load(ROOT_YAML, ["grpo.group_size=16"], cls=WithGRPO)
+    assert cfg.grpo.group_size == 16 and cfg.train.steps == 20
+    assert C.to_dict(cfg)["grpo"] == {"group_size": 16, "clip_high": 0.28}
+    with pytest.raises(C.ConfigError, match="grpo.clip_hgh"):
+        C.load(None, ["train.steps=1", "grpo.clip_hgh=0.3"], cls=WithGRPO)
+
+
+def test_steps_must_be_given():
+    with pytest.raises(C.ConfigError, match="set train.steps"):
+        C.load(None, [])
+    assert C.load(None, ["train.epochs=3", "train.steps_per_epoch=7"]).total_steps == 21
