@@ -30,6 +30,7 @@ import numpy as np
 
 from xr_jax.models import hf_tree, naming
 from xr_jax.models.config import VisionConfig
+from xr_jax.models.layers import RMSNorm, remat_policy
 
 PADDING_SEGMENT = -1
 
@@ -178,15 +179,6 @@ def vision_layout(
 # ----------------------------------------------------------------------------------------------
 
 
-def remat_policy(remat: str):
-    """`nn.remat` policy for a ModelConfig.remat value ("full": save nothing; "dots": weight matmuls)."""
-    if remat == "full":
-        return None
-    if remat == "dots":
-        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    raise ValueError(f"remat must be one of none/full/dots, got {remat!r}")
-
-
 def _dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str, use_bias: bool = True) -> nn.Dense:
     return nn.Dense(
         features,
@@ -197,23 +189,6 @@ def _dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str, 
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
         name=name,
     )
-
-
-class RMSNorm(nn.Module):
-    """transformers' cast order: normalise in fp32, cast back to the input dtype, then scale."""
-
-    eps: float
-    axis_name: str
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,))
-        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return y.astype(x.dtype) * scale.astype(self.dtype)
 
 
 def rotary_cos_sin(pos_hw: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, jax.Array]:
