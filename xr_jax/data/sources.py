@@ -182,8 +182,9 @@ def orz_eval_format(file_name: str = "") -> Format:
             if not isinstance(choices, Mapping) or not all(isinstance(v, str) for v in choices.values()):
                 raise BadRow("wrong_type", "'choices' should map letters to strings")
             choices = {str(k): v for k, v in choices.items() if v is not None}
+        # ORZ prompts already list the options (`A. …` lines): the prompt template must not add them again.
         return Example(id=rid, question=question, answer=answer, choices=choices or None,
-                       meta={"file_name": file_name})
+                       meta={"file_name": file_name, "options_in_question": bool(choices)})
 
     return Format("orz_eval", ("prompt", "final_answer"), to_example)
 
