@@ -2,8 +2,8 @@
 
 It drives the built-in demo and the tests (no download needed). Example i is a pure function of
 (seed, i): `(7 + 5) * 3 - 4` with the trace `7 + 5 = 12\\n12 * 3 = 36\\n36 - 4 = 32` and the answer `32`.
-With `images=True` the expression is drawn (PIL's default FreeType font, black on white, large glyphs) into a
-fixed-size image and the question asks for the value of the expression in the image; a fixed size keeps
+With `images=True` the expression is drawn without spaces (PIL's default FreeType font, black on white, one
+large glyph size for the task) into a fixed-size image and the question asks for the value of the expression in the image; a fixed size keeps
 `image_grid_thw`, and so the batch shapes, static.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -76,27 +77,41 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def render_expression(text: str, size: tuple[int, int] = (112, 224)) -> np.ndarray:
-    """Draw `text` centred, as large as fits with a margin, black on white: an HxWx3 uint8 array."""
+def fit_font_size(text: str, size: tuple[int, int]) -> int:
+    """The largest font size at which `text` fits in 90% x 80% of an image of `size` (height, width)."""
+    height, width = size
+    draw = ImageDraw.Draw(Image.new("RGB", (width, height)))
+    font_size = height
+    while font_size > 8:
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=_font(font_size))
+        if right - left <= 0.9 * width and bottom - top <= 0.8 * height:
+            break
+        font_size -= 1
+    return font_size
+
+
+def render_expression(text: str, size: tuple[int, int] = (112, 224), font_size: Optional[int] = None) -> np.ndarray:
+    """Draw `text` centred, black on white, as an HxWx3 uint8 array (font size: given, or the largest fit)."""
     height, width = size
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    font_size = height  # shrink until it fits
-    while True:
-        font = _font(font_size)
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        if (right - left <= 0.9 * width and bottom - top <= 0.8 * height) or font_size <= 8:
-            break
-        font_size -= 2
-    x = (width - (right - left)) / 2 - left
-    y = (height - (bottom - top)) / 2 - top
-    draw.text((x, y), text, fill="black", font=font)
+    font = _font(font_size or fit_font_size(text, size))
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    draw.text(((width - (right - left)) / 2 - left, (height - (bottom - top)) / 2 - top), text, fill="black", font=font)
     return np.asarray(image)
+
+
+def _longest_expression(config: SyntheticConfig) -> str:
+    """A worst-case rendered expression: every step parenthesised, operands of max width."""
+    digit = "8" * len(str(config.max_operand))
+    return "(" * config.max_steps + digit + "".join(f"+{digit})" for _ in range(config.max_steps))
 
 
 def synthetic_source(config: SyntheticConfig = SyntheticConfig(), name: str = "synthetic") -> Source:
     """The task as a `Source`: example i has `question`, a `response` trace and the `answer`."""
     config.validate()
+    # One glyph size for the whole task (what the longest expression allows): easier for a tiny VLM to read.
+    font_size = fit_font_size(_longest_expression(config), config.image_size) if config.images else 0
 
     def to_example(index: int, rid: str) -> Example:
         problem = make_problem(config, index)
@@ -104,7 +119,7 @@ def synthetic_source(config: SyntheticConfig = SyntheticConfig(), name: str = "s
         response = templates.format_trace("\n".join(problem.steps), answer)
         meta = {"expression": problem.expression, "steps": len(problem.steps)}
         if config.images:
-            image = render_expression(problem.expression, config.image_size)
+            image = render_expression(problem.expression.replace(" ", ""), config.image_size, font_size)
             return Example(id=rid, question=IMAGE_QUESTION, response=response, answer=answer, images=(image,), meta=meta)
         return Example(id=rid, question=f"What is {problem.expression}?", response=response, answer=answer, meta=meta)
 
