@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from xr_jax.data import pipeline as P
-from xr_jax.data import sources, synthetic, templates
+from xr_jax.data import sources, synthetic
 from xr_jax.data.tokenizer import load_tokenizer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "data"

@@ -218,7 +218,7 @@ def _local_batch_size(batch_size: int, process_count: int) -> int:
 class SFTConfig:
     """max_len: tokens per row (paper: 4096). batch_size: GLOBAL rows per step. pack: first-fit packing
     (text only); False pads one example per row. num_epochs None repeats forever. num_threads: grain reader
-    threads."""
+    threads (1 was fastest on 2 shared cores, see docs/benchmarks.md; raise it on big hosts)."""
 
     max_len: int = 4096
     batch_size: int = 128
@@ -229,7 +229,7 @@ class SFTConfig:
     drop_remainder: bool = True
     prompt: PromptConfig = PromptConfig()
     image: images_lib.ImageConfig = images_lib.ImageConfig()
-    num_threads: int = 2
+    num_threads: int = 1
 
 
 def encode_sft(example: Example, tokenizer, config: SFTConfig) -> dict:
@@ -365,7 +365,7 @@ class PromptBatchConfig:
     num_epochs: Optional[int] = None
     prompt: PromptConfig = PromptConfig()
     image: images_lib.ImageConfig = images_lib.ImageConfig()
-    num_threads: int = 2
+    num_threads: int = 1
 
 
 def encode_prompt(example: Example, tokenizer, config: PromptBatchConfig) -> dict:
