@@ -19,7 +19,8 @@ import glob
 import json
 import os
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
 
 from xr_jax.data import templates
 
