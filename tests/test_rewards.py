@@ -7,6 +7,7 @@ find them (they are sent by reference).
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def unruly_reward(response: str, ground_truth: str) -> float:
         raise RuntimeError("reward bug")
     if response == "nan":
         return float("nan")
+    if response.startswith("slow"):
+        time.sleep(0.5)
     if response == "alloc":
         return float(len(bytearray(16 * 2**30)))  # past the pool's memory limit: MemoryError
     return float(response == ground_truth)
@@ -257,6 +260,26 @@ def test_hang_crash_and_errors_cost_only_their_item(pool):
     assert wall < TIMEOUT + 3  # the hang cost its own timeout, not one per remaining item
     # The pool is healthy afterwards.
     assert pool.score_batch("test_unruly", ["a"], ["a"])[0] == [1.0]
+
+
+def test_interrupted_batch_leaves_no_stale_answers(pool):
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupt
+
+    pool.score_batch("test_unruly", ["a", "b"], ["a", "b"])  # workers up, so both hold an item at the alarm
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(Interrupt):
+            pool.score_batch("test_unruly", [f"slow{i}" for i in range(6)], [f"slow{i}" for i in range(6)])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    scores, stats = pool.score_batch("test_unruly", ["a", "b", "c", "d"], ["a", "x", "c", "x"])
+    assert scores == [1.0, 0.0, 1.0, 0.0] and stats.ok == 4
 
 
 def test_workers_are_recycled():

@@ -34,7 +34,11 @@ from xr_jax.rewards import registry
 
 Status = Literal["ok", "error", "timeout", "crash"]
 
-_CTX = multiprocessing.get_context("spawn")
+# forkserver: workers fork from a clean server process (never from the caller, which may have initialised
+# JAX). The server imports the main module (as Python's default preload does; otherwise every worker would
+# re-import it) and warms math-verify once, so a replacement worker starts in milliseconds.
+_CTX = multiprocessing.get_context("forkserver")
+_PRELOAD = ["__main__", "xr_jax.rewards.preload"]
 _READY = "ready"
 
 
@@ -62,6 +66,30 @@ class _Worker:
     items: deque[int] = dataclasses.field(default_factory=deque)  # sent, not yet answered, in order
     item_started: float = 0.0  # when items[0] began (the previous answer's arrival, or the send)
     scored: int = 0  # items answered over the worker's life, for recycling
+
+
+@dataclasses.dataclass
+class _Batch:
+    """One `score_batch` call's inputs and results."""
+
+    fn: registry.RewardFn
+    responses: list[str]
+    ground_truths: list[str]
+    timeout: float
+    pending: deque[list[int]] = dataclasses.field(default_factory=deque)  # chunks not yet sent
+    replaced: int = 0
+
+    def __post_init__(self):
+        n = len(self.responses)
+        self.scores: list[float] = [0.0] * n
+        self.status: list[Status | None] = [None] * n
+        self.item_s: list[float] = [0.0] * n
+        self.remaining = n
+
+    def finish(self, index: int, score: float, status: Status, started: float) -> None:
+        self.scores[index], self.status[index] = score, status
+        self.item_s[index] = time.monotonic() - started
+        self.remaining -= 1
 
 
 class RewardPool:
@@ -101,6 +129,8 @@ class RewardPool:
         self._memory_limit_mb = memory_limit_mb
         self._start_timeout = start_timeout
         self._max_chunk = max_chunk
+        # Takes effect if this process's fork server is not running yet (it is shared, one per process).
+        _CTX.set_forkserver_preload(_PRELOAD)
         self._workers: list[_Worker] = []
         self.workers_started = 0  # over the pool's life, recycled and replaced workers included
         self._finalizer = weakref.finalize(self, _kill_all, self._workers)
@@ -151,71 +181,76 @@ class RewardPool:
             raise ValueError(f"timeout must be a finite number > 0, got {timeout!r}")
 
         start = time.monotonic()
-        n = len(responses)
-        scores = [0.0] * n
-        status: list[Status | None] = [None] * n
-        item_s = [0.0] * n
-        chunk = max(1, min(self._max_chunk, math.ceil(n / (4 * len(self._workers)))))
-        pending = deque(list(range(i, min(i + chunk, n))) for i in range(0, n, chunk))
-        replaced = 0
-        remaining = n
-
-        def finish(index: int, score: float, item_status: Status, started: float) -> None:
-            nonlocal remaining
-            scores[index], status[index] = score, item_status
-            item_s[index] = time.monotonic() - started
-            remaining -= 1
-
-        while remaining:
-            now = time.monotonic()
+        batch = _Batch(fn, list(responses), list(ground_truths), timeout)
+        chunk = max(1, min(self._max_chunk, math.ceil(len(batch.scores) / (4 * len(self._workers)))))
+        batch.pending.extend(
+            list(range(i, min(i + chunk, len(batch.scores)))) for i in range(0, len(batch.scores), chunk)
+        )
+        try:
+            while batch.remaining:
+                self._dispatch(batch)
+                self._wait(batch)
+                for w in list(self._workers):
+                    self._collect(w, batch)
+        except BaseException:
+            # Workers still holding items of this batch would answer into the next one: replace them.
             for w in list(self._workers):
-                if w.ready and not w.items and pending:
-                    if w.scored >= self._max_items:
-                        self._replace(w)
-                        continue
-                    ids = pending.popleft()
-                    w.conn.send((fn, [(i, responses[i], ground_truths[i]) for i in ids]))
-                    w.items.extend(ids)
-                    w.item_started = time.monotonic()
-
-            deadlines = [w.item_started + timeout for w in self._workers if w.items]
-            wait_s = max(0.0, min(deadlines) - now) if deadlines else 1.0
-            handles = [w.conn for w in self._workers] + [w.proc.sentinel for w in self._workers]
-            multiprocessing.connection.wait(handles, timeout=wait_s)
-
-            for w in list(self._workers):
-                alive = self._drain(w, finish)
-                now = time.monotonic()
-                if alive and w.proc.is_alive():
-                    if w.items and now - w.item_started > timeout:
-                        finish(w.items.popleft(), 0.0, "timeout", w.item_started)
-                    elif not w.ready and now - w.started_at > self._start_timeout:
-                        raise RuntimeError(f"reward worker did not start within {self._start_timeout} s")
-                    else:
-                        continue
-                elif not w.ready:
-                    raise RuntimeError(f"reward worker exited during start-up (exit code {w.proc.exitcode})")
-                elif w.items:
-                    finish(w.items.popleft(), 0.0, "crash", w.item_started)
                 if w.items:
-                    pending.appendleft(list(w.items))
-                self._replace(w)
-                replaced += 1
-
-        final = tuple(s for s in status if s is not None)
-        return scores, ScoreStats(
-            n=n,
-            ok=final.count("ok"),
-            errors=final.count("error"),
-            timeouts=final.count("timeout"),
-            crashes=final.count("crash"),
-            workers_replaced=replaced,
+                    self._replace(w)
+            raise
+        status = tuple(batch.status)
+        return batch.scores, ScoreStats(
+            n=len(status),
+            ok=status.count("ok"),
+            errors=status.count("error"),
+            timeouts=status.count("timeout"),
+            crashes=status.count("crash"),
+            workers_replaced=batch.replaced,
             wall_s=time.monotonic() - start,
-            status=final,
-            item_s=tuple(item_s),
+            status=status,
+            item_s=tuple(batch.item_s),
         )
 
-    def _drain(self, w: _Worker, finish) -> bool:
+    def _dispatch(self, batch: _Batch) -> None:
+        """Send the next chunk to every idle worker (recycling the worn-out ones)."""
+        for w in list(self._workers):
+            if w.ready and not w.items and batch.pending:
+                if w.scored >= self._max_items:
+                    self._replace(w)
+                    continue
+                ids = batch.pending.popleft()
+                w.conn.send((batch.fn, [(i, batch.responses[i], batch.ground_truths[i]) for i in ids]))
+                w.items.extend(ids)
+                w.item_started = time.monotonic()
+
+    def _wait(self, batch: _Batch) -> None:
+        """Sleep until a worker sends or dies, or the earliest running item's deadline."""
+        deadlines = [w.item_started + batch.timeout for w in self._workers if w.items]
+        wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
+        handles = [w.conn for w in self._workers] + [w.proc.sentinel for w in self._workers]
+        multiprocessing.connection.wait(handles, timeout=wait_s)
+
+    def _collect(self, w: _Worker, batch: _Batch) -> None:
+        """Record `w`'s answers; score its running item 0 and replace it if it overran or died."""
+        alive = self._drain(w, batch)
+        now = time.monotonic()
+        if alive and w.proc.is_alive():
+            if w.items and now - w.item_started > batch.timeout:
+                batch.finish(w.items.popleft(), 0.0, "timeout", w.item_started)
+            elif not w.ready and now - w.started_at > self._start_timeout:
+                raise RuntimeError(f"reward worker did not start within {self._start_timeout} s")
+            else:
+                return
+        elif not w.ready:
+            raise RuntimeError(f"reward worker exited during start-up (exit code {w.proc.exitcode})")
+        elif w.items:
+            batch.finish(w.items.popleft(), 0.0, "crash", w.item_started)
+        if w.items:
+            batch.pending.appendleft(list(w.items))
+        self._replace(w)
+        batch.replaced += 1
+
+    def _drain(self, w: _Worker, batch: _Batch) -> bool:
         """Read every message `w` has sent; False if its pipe is closed (the process died)."""
         try:
             while w.conn.poll():
@@ -228,7 +263,7 @@ class RewardPool:
                     raise RuntimeError(f"reward worker answered item {index} out of order")
                 w.items.popleft()
                 w.scored += 1
-                finish(index, score, item_status, w.item_started)
+                batch.finish(index, score, item_status, w.item_started)
                 w.item_started = time.monotonic()
         except (EOFError, OSError):
             return False
