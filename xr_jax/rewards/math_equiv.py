@@ -43,12 +43,14 @@ def math_reward(response: str, ground_truth: str) -> float:
     return 1.0 if answers_match(answer, ground_truth) else 0.0
 
 
-@functools.lru_cache(maxsize=4096)
 def answers_match(answer: str, ground_truth: str) -> bool:
-    """Whether `answer` is equivalent to `ground_truth` (see the module doc). Cached: the G samples of a
-    group often give the same answer."""
-    if len(answer) > MAX_ANSWER_CHARS:
-        return False
+    """Whether `answer` is equivalent to `ground_truth` (see the module doc)."""
+    # The length check comes before the cache, so hostile megabyte answers are never cache keys.
+    return len(answer) <= MAX_ANSWER_CHARS and _answers_match(answer, ground_truth)
+
+
+@functools.lru_cache(maxsize=4096)  # the G samples of a group often give the same answer
+def _answers_match(answer: str, ground_truth: str) -> bool:
     norm_answer, norm_truth = normalize_answer(answer), normalize_answer(ground_truth)
     if norm_answer.replace(" ", "") == norm_truth.replace(" ", ""):
         return True

@@ -1,9 +1,10 @@
 """Run reward functions in killable worker processes, with a deadline per item.
 
 Why processes: math verification calls sympy, which can hang in C code or eat all memory on hostile
-model output; only a separate process can be stopped reliably. Workers are started with `spawn` (forking a
-process that has initialised JAX is unsafe), are CPU-only, run under an address-space limit, import
-math-verify once, and are recycled after `max_items_per_worker` items to bound sympy's cache growth.
+model output; only a separate process can be stopped reliably. Workers come from a `forkserver` (forking
+the caller, which may have initialised JAX, is unsafe), are CPU-only, run under an address-space limit,
+start with math-verify already imported, and are recycled after `max_items_per_worker` items to bound
+sympy's cache growth.
 
 How a batch runs: items are cut into chunks (several per worker, so the common case costs one pipe
 round trip per chunk plus one small message per item). A worker reports each item as it finishes, so the
@@ -301,7 +302,7 @@ def _kill_all(workers: list[_Worker]) -> None:
 
 def _worker_main(conn: multiprocessing.connection.Connection, memory_limit_mb: int | None) -> None:
     """Worker loop: receive (fn, [(index, response, ground_truth), ...]), answer (index, score, status)
-    per item, in order; `None` or a closed pipe ends it."""
+    per item, in order. The pool ends a worker by killing it; a closed pipe also ends it."""
     # Never touch an accelerator from a reward worker (these take effect before any JAX backend starts).
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
@@ -313,16 +314,13 @@ def _worker_main(conn: multiprocessing.connection.Connection, memory_limit_mb: i
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     from xr_jax.rewards.math_equiv import warm_up
 
-    warm_up()
+    warm_up()  # already done in the fork server unless that was started without our preload
     conn.send(_READY)
     while True:
         try:
-            message = conn.recv()
+            fn, items = conn.recv()
         except EOFError:
             return
-        if message is None:
-            return
-        fn, items = message
         for index, response, ground_truth in items:
             try:
                 score = float(fn(response, ground_truth))

@@ -158,9 +158,11 @@ def grpo_loss(
       config: the options (`GRPOLossConfig`).
       ref_logp: [B, T] reference-model log-probs; needed when kl_coef > 0, else only logged.
       entropy: [B, T] per-token policy entropy; needed when entropy_coef > 0, else only logged.
-      global_tokens: for agg="token-mean", the number of loss tokens in the whole mini-batch (all
-        microbatches and devices). With it, the losses of the microbatches SUM to the mini-batch loss;
-        without it, this call's own count is used (correct only for a full batch).
+      global_tokens: for agg="token-mean", the number of loss tokens in the whole mini-batch (the
+        optimizer step's batch: all microbatches, all devices). With it, the losses of the microbatches
+        SUM to the mini-batch loss; without it, this call's own count is used, which is right only when
+        this call sees the whole mini-batch. (Under jit on a sharded global batch the sums are already
+        global; the argument is for gradient accumulation and per-shard code such as shard_map.)
       global_seqs: for the sequence modes, the number of sequences (rows with at least one loss token)
         in the whole mini-batch, with the same meaning. Rows without loss tokens are padding and never
         count as sequences.
