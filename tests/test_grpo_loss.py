@@ -254,13 +254,11 @@ def test_microbatches_with_global_normaliser_sum_to_full_batch(name):
         normaliser = dict(global_tokens=jnp.asarray(mask.sum()))
     else:
         normaliser = dict(global_seqs=jnp.asarray((mask.sum(1) > 0).sum()))
-    parts = [
-        jax_loss(logp[s], old[s], adv[s], mask[s], cfg, ref[s], ent[s], **normaliser)[0]
-        for s in (slice(0, 7), slice(7, None))  # uneven split, padding row in the first part
-    ]
+    halves = (slice(0, 7), slice(7, None))  # uneven split, padding row in the first part
+    parts = [jax_loss(logp[s], old[s], adv[s], mask[s], cfg, ref[s], ent[s], **normaliser)[0] for s in halves]
     np.testing.assert_allclose(float(sum(parts)), float(full), rtol=1e-6, atol=1e-7)
     # Without the global normaliser, the mean of per-microbatch means is a different (wrong) number.
-    local = [jax_loss(logp[s], old[s], adv[s], mask[s], cfg, ref[s], ent[s])[0] for s in (slice(0, 7), slice(7, None))]
+    local = [jax_loss(logp[s], old[s], adv[s], mask[s], cfg, ref[s], ent[s])[0] for s in halves]
     assert abs(float(sum(local)) / 2 - float(full)) > 1e-4
 
 

@@ -50,7 +50,8 @@ def gsm8k_rows():
 
 
 def math500_rows():
-    return [(r["prompt"][0]["value"], r["final_answer"]) for r in json.loads((FIXTURES / "math500_rows.json").read_text())]
+    rows = json.loads((FIXTURES / "math500_rows.json").read_text())
+    return [(r["prompt"][0]["value"], r["final_answer"]) for r in rows]
 
 
 def gpqa_rows():
@@ -140,7 +141,11 @@ def test_math_on_real_answers(pool):
             responses.append(wrap(form, i % 4))
             truths.append(truth)
             want.append(1.0)
-        responses += [wrap(wrong_answer(truth), i % 4), f"The answer is {truth}.", f"<answer>{truth}</answer><answer>oops</answer>"]
+        responses += [
+            wrap(wrong_answer(truth), i % 4),
+            f"The answer is {truth}.",  # neither tags nor box
+            f"<answer>{truth}</answer><answer>oops</answer>",  # the last span counts
+        ]
         truths += [truth] * 3
         want += [0.0, 0.0, 0.0]
     # GSM8K-style variants: thousands separators dropped or added, dollar signs, units, decimals.
@@ -162,7 +167,8 @@ def test_multiple_choice_on_gpqa(pool):
         letter, choices = row["final_answer"], row["choices"]
         other = next(c for c in "ABCD" if c != letter)
         with_choices = mc_ground_truth(letter, choices)
-        for answer in [letter, f"({letter})", f"{letter}: {choices[letter]}", f"{letter}. {choices[letter]}", choices[letter]]:
+        text = choices[letter]
+        for answer in [letter, f"({letter})", f"{letter}: {text}", f"{letter}. {text}", text]:
             responses.append(f"<think>...</think> <answer>{answer}</answer>")
             truths.append(with_choices)
             want.append(1.0)
@@ -171,7 +177,12 @@ def test_multiple_choice_on_gpqa(pool):
             truths.append(with_choices)
             want.append(0.0)
         # A bare-letter ground truth: letters still count, option text cannot be resolved.
-        responses += [f"<answer>{letter}</answer>", f"\\boxed{{{letter}}}", f"<answer>{other}</answer>", f"I pick {letter}"]
+        responses += [
+            f"<answer>{letter}</answer>",
+            f"\\boxed{{{letter}}}",
+            f"<answer>{other}</answer>",
+            f"I pick {letter}",
+        ]
         truths += [letter] * 4
         want += [1.0, 1.0, 0.0, 0.0]
     scores, stats = pool.score_batch("multiple_choice", responses, truths)
@@ -244,7 +255,8 @@ def test_adversarial_inputs_score_zero_within_timeout(pool, tmp_path):
     assert stats.timeouts >= 2 and stats.ok + stats.errors + stats.timeouts == stats.n
     assert wall < 3 * TIMEOUT + 5
     assert not marker.exists()
-    print(f"adversarial: {stats.timeouts} timeouts, per-item s {[round(s, 2) for s in stats.item_s]}, wall {wall:.2f} s")
+    per_item = [round(s, 2) for s in stats.item_s]
+    print(f"adversarial: {stats.timeouts} timeouts, per-item s {per_item}, wall {wall:.2f} s")
 
 
 def test_hang_crash_and_errors_cost_only_their_item(pool):

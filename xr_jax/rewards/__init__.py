@@ -6,7 +6,12 @@ on a module-level `(response: str, ground_truth: str) -> float` function. Score 
 bounds each item's time and memory.
 """
 
-from xr_jax.rewards.choice import extract_choice, mc_ground_truth, multiple_choice_reward, parse_mc_ground_truth
+from xr_jax.rewards.choice import (
+    extract_choice,
+    mc_ground_truth,
+    multiple_choice_reward,
+    parse_mc_ground_truth,
+)
 from xr_jax.rewards.extract import extract_answer, last_boxed, normalize_answer
 from xr_jax.rewards.formatting import format_reward
 from xr_jax.rewards.math_equiv import answers_match, math_reward

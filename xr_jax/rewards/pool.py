@@ -123,7 +123,9 @@ class RewardPool:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RewardPool {key} must be a positive int, got {value!r}")
         if memory_limit_mb is not None and (not isinstance(memory_limit_mb, int) or memory_limit_mb < 256):
-            raise ValueError(f"RewardPool memory_limit_mb must be None or an int >= 256, got {memory_limit_mb!r}")
+            raise ValueError(
+                f"RewardPool memory_limit_mb must be None or an int >= 256, got {memory_limit_mb!r}"
+            )
         if not start_timeout > 0:
             raise ValueError(f"RewardPool start_timeout must be > 0, got {start_timeout!r}")
         self._max_items = max_items_per_worker

@@ -130,9 +130,13 @@ class GRPOLossConfig:
         max_len = self.dr_grpo_max_len
         if self.agg == "dr-grpo":
             if not (isinstance(max_len, int) and not isinstance(max_len, bool) and max_len >= 1):
-                raise ValueError(f"GRPOLossConfig.dr_grpo_max_len must be an int >= 1 for agg='dr-grpo', got {max_len!r}")
+                raise ValueError(
+                    f"GRPOLossConfig.dr_grpo_max_len must be an int >= 1 for agg='dr-grpo', got {max_len!r}"
+                )
         elif max_len is not None:
-            raise ValueError(f"GRPOLossConfig.dr_grpo_max_len is only used by agg='dr-grpo' (agg is {self.agg!r})")
+            raise ValueError(
+                f"GRPOLossConfig.dr_grpo_max_len is only used by agg='dr-grpo' (agg is {self.agg!r})"
+            )
 
 
 def grpo_loss(
