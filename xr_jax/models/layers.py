@@ -61,7 +61,9 @@ class MLP(nn.Module):
         dense = lambda f, axes, name: Dense(f, axes, self.use_bias, self.dtype, self.param_dtype, name=name)  # noqa: E731
         g = dense(self.intermediate, self.axes, "gate_proj")(x)
         u = dense(self.intermediate, self.axes, "up_proj")(x)
-        h = nn.with_logical_constraint(jax.nn.silu(g) * u, ("act_batch", "act_length", "act_" + self.axes[1]))
+        # leading dims ([B, T] in the decoder, [P] in the vision tower) keep their own sharding
+        lead = ("act_batch", "act_length") if x.ndim == 3 else (None,) * (x.ndim - 1)
+        h = nn.with_logical_constraint(jax.nn.silu(g) * u, lead + ("act_" + self.axes[1],))
         return dense(self.hidden, self.axes[::-1], "down_proj")(h)
 
 
