@@ -190,7 +190,7 @@ def test_resume_in_a_fresh_process_gives_the_same_batches(tmp_path):
 
 
 def test_planted_bad_rows_are_skipped_counted_and_logged(tok, tmp_path, caplog):
-    from test_data_sources import write_planted_gsm8k
+    from tests.test_data_sources import write_planted_gsm8k
 
     expected = write_planted_gsm8k(tmp_path / "bad.jsonl")
     src = sources.load_source(str(tmp_path / "bad.jsonl"), "gsm8k")
