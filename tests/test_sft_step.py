@@ -145,3 +145,21 @@ def test_step_decay_schedule_is_the_papers():
     assert [float(sched(s)) for s in (0, 9, 10, 25)] == pytest.approx([1e-5, 1e-5, 8e-6, 6.4e-6], rel=1e-6)
     warm = make_schedule(OptimSection(lr=1e-4, schedule="cosine", warmup_steps=4), 20)
     assert float(warm(0)) == 0.0 and float(warm(4)) == pytest.approx(1e-4) and float(warm(20)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_frozen_vision_tower_gets_no_optimizer_state_and_no_update():
+    import flax.linen as nn
+
+    from xr_jax.models.presets import preset
+    from xr_jax.models.qwen2_5_vl import init_params
+
+    params = nn.unbox(init_params(preset("tiny-vl"), jax.random.PRNGKey(0)))
+    tx, _ = make_optimizer(OptimSection(lr=1e-2), 10, frozen=("visual",))
+    opt = tx.init(params)
+    n_text = sum(x.size for k, v in params.items() if k != "visual" for x in jax.tree_util.tree_leaves(v))
+    n_state = sum(x.size for x in jax.tree_util.tree_leaves(opt) if x.ndim > 0)
+    assert n_state == 2 * n_text  # AdamW mu and nu for the text params only
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, opt, params)
+    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree_util.tree_leaves(updates["visual"]))
+    assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree_util.tree_leaves(updates["model"]))

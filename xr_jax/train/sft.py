@@ -150,34 +150,54 @@ def check_batch_layout(batch_size: int, microbatches: int, mesh: Mesh, process_c
             f"train.batch_size {batch_size} is not divisible by {process_count} processes")
 
 
-def build_model(config, mesh: Mesh):
-    """(ModelConfig, params or None): from `model.path` (loaded straight into the mesh) or a preset."""
+def build_model(config, mesh: Mesh, vocab_size: int | None = None):
+    """(ModelConfig, params or None): from `model.path` (HF or xr_jax checkpoint, loaded straight onto the
+    mesh) or a random-init preset, whose vocabulary is `model.vocab_size`, else the tokenizer's."""
     m = config.model
     runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
                    attention=m.attention)
     if m.path is not None:
-        from xr_jax.models import hf
+        from xr_jax import convert
 
-        cfg = hf.read_config(m.path, **runtime)
-        _, params = hf.load_hf(m.path, dtype=m.param_dtype, shardings=parallel.path_shardings(cfg, mesh), **runtime)
-        return cfg, params
+        return convert.load_any(m.path, mesh=mesh, dtype=m.param_dtype, **runtime)
     cfg = presets.preset(m.preset, **runtime)
-    if m.vocab_size is not None:
-        cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=m.vocab_size))
+    vocab = m.vocab_size or vocab_size
+    if vocab is not None:
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab))
     return cfg, None
 
 
-def make_batches(config, model_cfg: ModelConfig):
-    """The process-local batch iterator named by `data.source`."""
+def load_tokenizer(config):
+    """The tokenizer of `data.tokenizer`, else of the model checkpoint; None for `data.source: random`."""
     if config.data.source == "random":
+        return None
+    from xr_jax.data.tokenizer import load_tokenizer as load
+
+    name = config.data.tokenizer or config.model.path
+    if name is None:
+        raise ValueError("data.tokenizer is needed with a preset model: 'qwen2.5', 'tiny' or a checkpoint dir")
+    return load(name)
+
+
+def make_batches(config, model_cfg: ModelConfig, tokenizer=None):
+    """The process-local batch iterator named by `data.source` ("random" or a `sources.FORMATS` name)."""
+    d, tr = config.data, config.train
+    if d.source == "random":
         from xr_jax.data.random_tokens import RandomTokenBatches
 
-        return RandomTokenBatches(
-            config.train.batch_size, config.train.seq_len, model_cfg.text.vocab_size, seed=config.train.seed,
-            process_index=jax.process_index(), process_count=jax.process_count())
-    raise NotImplementedError(
-        f"data.source {config.data.source!r}: dataset sources come with xr_jax.data.pipeline (not merged yet); "
-        "use data.source=random")
+        return RandomTokenBatches(tr.batch_size, tr.seq_len, model_cfg.text.vocab_size, seed=tr.seed,
+                                  process_index=jax.process_index(), process_count=jax.process_count())
+    from xr_jax.data import pipeline, sources
+
+    if d.path is None:
+        raise ValueError(f"data.source {d.source!r} needs data.path (a file, directory or hub id)")
+    if tokenizer.vocab_size > model_cfg.text.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
+                         f"{model_cfg.text.vocab_size}; use a matching tokenizer or set model.vocab_size")
+    source = sources.load_source(d.path, d.source, split=d.split)
+    data_cfg = pipeline.SFTConfig(max_len=tr.seq_len, batch_size=tr.batch_size, pack=d.pack, seed=tr.seed,
+                                  shuffle=d.shuffle, num_epochs=None)
+    return iter(pipeline.sft_pipeline(source, tokenizer, data_cfg))
 
 
 def main(config) -> dict:
@@ -190,7 +210,8 @@ def main(config) -> dict:
     d = config.distributed
     parallel.initialize_distributed(d.initialize, d.coordinator, d.num_processes, d.process_id)
     mesh = parallel.make_mesh(config.mesh.shape)
-    model_cfg, loaded = build_model(config, mesh)
+    tokenizer = load_tokenizer(config)
+    model_cfg, loaded = build_model(config, mesh, None if tokenizer is None else tokenizer.vocab_size)
     parallel.check_model_fits_mesh(model_cfg, mesh)
     tr = config.train
     check_batch_layout(tr.batch_size, tr.microbatches, mesh, jax.process_count())
@@ -199,7 +220,7 @@ def main(config) -> dict:
     init_fn = lambda key: init_params(model_cfg, key)  # noqa: E731
     boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     shardings = state_lib.state_shardings(tx, boxed, mesh)
-    batches = make_batches(config, model_cfg)
+    batches = make_batches(config, model_cfg, tokenizer)
     config_dict = to_dict(config)
 
     checkpointer = None
