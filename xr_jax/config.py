@@ -14,8 +14,6 @@ import types
 import typing
 from typing import Any, Optional, Sequence, Union
 
-import yaml
-
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the typed tree; the message names the dotted key."""
@@ -282,6 +280,8 @@ def apply_override(tree: dict, override: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {override!r} has an empty key part")
+    import yaml  # imported here so the typed tree works where PyYAML is absent (e.g. a bare GPU image)
+
     node = tree
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -298,6 +298,8 @@ def load(path: Optional[str] = None, overrides: Sequence[str] = (), cls=Config):
     """YAML file (optional) + overrides -> a validated `cls` instance."""
     tree: dict = {}
     if path is not None:
+        import yaml
+
         with open(path) as f:
             tree = yaml.safe_load(f) or {}
         if not isinstance(tree, dict):
