@@ -265,12 +265,12 @@ def test_eval_batches_in_order_with_metadata(tok):
 
 def test_global_batch_on_a_device_mesh(tok):
     import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from xr_jax import parallel
 
     src = synthetic.synthetic_source(synthetic.SyntheticConfig(num_examples=64))
     batch = next(iter(P.sft_pipeline(src, tok, P.SFTConfig(max_len=128, batch_size=8), process_index=0, process_count=1)))
-    mesh = Mesh(np.array(jax.devices()).reshape(-1), ("data",))
-    arrays = P.global_batch(batch, NamedSharding(mesh, PartitionSpec("data")))
+    arrays = parallel.global_batch(batch, parallel.make_mesh((-1, 1, 1)))
     assert arrays["input_ids"].shape == (8, 128) and len(arrays["input_ids"].sharding.device_set) == len(jax.devices())
     for key in batch:
         np.testing.assert_array_equal(np.asarray(arrays[key]), batch[key])

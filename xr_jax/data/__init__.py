@@ -6,5 +6,5 @@
   images.py     smart_resize, resize/normalise/patchify -> pixel_values + image_grid_thw (numpy/PIL)
   sources.py    load_source(path, "openthoughts" | "orz_math" | "orz_eval" | "gsm8k") -> Example per row
   synthetic.py  the built-in multi-step arithmetic task (text or rendered images)
-  pipeline.py   sft_pipeline / rl_pipeline / eval_pipeline (batch formats in its docstring), global_batch
+  pipeline.py   sft_pipeline / rl_pipeline / eval_pipeline (batch formats in its docstring)
 """

@@ -447,18 +447,3 @@ def eval_pipeline(
 
 
 # -- global batches ----------------------------------------------------------------------------------------
-
-
-def global_batch(local_batch: dict, sharding) -> dict:
-    """Assemble a global `jax.Array` for every [B, ...] numpy entry from each process's local rows
-    (`jax.make_array_from_process_local_data`); lists and image arrays stay process-local."""
-    import jax
-
-    rows = len(local_batch["input_ids" if "input_ids" in local_batch else "prompt_ids"])
-    out = {}
-    for key, value in local_batch.items():
-        if isinstance(value, np.ndarray) and key not in ("pixel_values", "image_grid_thw") and len(value) == rows:
-            out[key] = jax.make_array_from_process_local_data(sharding, value)
-        else:
-            out[key] = value
-    return out
