@@ -444,6 +444,3 @@ def eval_pipeline(
     skip = _SkipBadRows(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads)), "eval")
     batch_fn = _prompt_batch_fn(config.max_prompt_len, tokenizer.special.pad, batch_size=local_batch)
     return Pipeline(skip.batch(local_batch, drop_remainder=False, batch_fn=batch_fn), skip)
-
-
-# -- global batches ----------------------------------------------------------------------------------------
