@@ -15,7 +15,7 @@ import numpy as np
 from xr_jax.models import naming
 
 
-def _set_leaf(tree: dict, path: tuple[str, ...], value: Any, source: str) -> None:
+def set_leaf(tree: dict, path: tuple[str, ...], value: Any, source: str) -> None:
     node = tree
     for key in path[:-1]:
         node = node.setdefault(key, {})
@@ -47,7 +47,7 @@ def tree_from_hf(tensors: Mapping[str, np.ndarray]) -> dict:
         module, layer, suffix = naming.split_hf_name(name)
         path, leaf = naming.hf_to_leaf(module, suffix, np.asarray(w))
         if layer is None:
-            _set_leaf(tree, path, leaf, name)
+            set_leaf(tree, path, leaf, name)
             continue
         per_layer = layered.setdefault(path, {})
         if layer in per_layer:
@@ -66,15 +66,15 @@ def tree_from_hf(tensors: Mapping[str, np.ndarray]) -> dict:
             raise ValueError(
                 f"{names[path]}: {n} layers, but {depths[root][1]} has {depths[root][0]} in the same stack"
             )
-        _set_leaf(tree, path, np.stack([per_layer[i] for i in range(n)]), names[path])
+        set_leaf(tree, path, np.stack([per_layer[i] for i in range(n)]), names[path])
     return tree
 
 
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     out = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            out.update(_flatten(value, prefix + (key,)))
+            out.update(flatten(value, prefix + (key,)))
         else:
             out[prefix + (key,)] = value
     return out
@@ -87,7 +87,7 @@ def tree_to_hf(tree: Mapping, patch_shape: tuple[int, ...] | None = None) -> dic
     required only when the tree has a vision tower.
     """
     out: dict[str, np.ndarray] = {}
-    for path, w in _flatten(tree).items():
+    for path, w in flatten(tree).items():
         w = np.asarray(w)
         if path[-2:] == ("proj", "kernel") and "patch_embed" in path and patch_shape is None:
             raise ValueError(f"{'/'.join(path)}: pass patch_shape=(C, T, P, P) to export the patch embedding")

@@ -46,6 +46,27 @@ class Dense(nn.Module):
         return y
 
 
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); biases only in the vision tower's variant."""
+
+    hidden: int
+    intermediate: int
+    axes: tuple[str, str] = ("embed", "mlp")
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda f, axes, name: Dense(f, axes, self.use_bias, self.dtype, self.param_dtype, name=name)  # noqa: E731
+        g = dense(self.intermediate, self.axes, "gate_proj")(x)
+        u = dense(self.intermediate, self.axes, "up_proj")(x)
+        # leading dims ([B, T] in the decoder, [P] in the vision tower) keep their own sharding
+        lead = ("act_batch", "act_length") if x.ndim == 3 else (None,) * (x.ndim - 1)
+        h = nn.with_logical_constraint(jax.nn.silu(g) * u, lead + ("act_" + self.axes[1],))
+        return dense(self.hidden, self.axes[::-1], "down_proj")(h)
+
+
 class RMSNorm(nn.Module):
     """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, *then* scale.
 
@@ -80,6 +101,9 @@ def apply_rotary(x, cos, sin):
 
 
 def remat_policy(name: str):
+    """`nn.remat` policy for ModelConfig.remat: "full" saves nothing, "dots" keeps weight matmul outputs."""
+    if name == "full":
+        return None
     if name == "dots":
-        return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
-    return None
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"remat must be one of none/full/dots, got {name!r}")

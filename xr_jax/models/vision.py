@@ -30,6 +30,7 @@ import numpy as np
 
 from xr_jax.models import hf_tree, naming
 from xr_jax.models.config import VisionConfig
+from xr_jax.models.layers import MLP, RMSNorm, remat_policy
 
 PADDING_SEGMENT = -1
 
@@ -178,15 +179,6 @@ def vision_layout(
 # ----------------------------------------------------------------------------------------------
 
 
-def remat_policy(remat: str):
-    """`nn.remat` policy for a ModelConfig.remat value ("full": save nothing; "dots": weight matmuls)."""
-    if remat == "full":
-        return None
-    if remat == "dots":
-        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    raise ValueError(f"remat must be one of none/full/dots, got {remat!r}")
-
-
 def _dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str, use_bias: bool = True) -> nn.Dense:
     return nn.Dense(
         features,
@@ -197,23 +189,6 @@ def _dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str, 
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
         name=name,
     )
-
-
-class RMSNorm(nn.Module):
-    """transformers' cast order: normalise in fp32, cast back to the input dtype, then scale."""
-
-    eps: float
-    axis_name: str
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,))
-        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return y.astype(x.dtype) * scale.astype(self.dtype)
 
 
 def rotary_cos_sin(pos_hw: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, jax.Array]:
@@ -280,21 +255,6 @@ class VisionAttention(nn.Module):
         return _dense(cfg.hidden_size, ("vision_heads", "vision_embed"), self.dtype, self.param_dtype, "proj")(out)
 
 
-class VisionMLP(nn.Module):
-    """SwiGLU with biases: down(silu(gate(x)) * up(x))."""
-
-    cfg: VisionConfig
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x):
-        cfg, dt, pdt = self.cfg, self.dtype, self.param_dtype
-        gate = _dense(cfg.intermediate_size, ("vision_embed", "vision_mlp"), dt, pdt, "gate_proj")(x)
-        up = _dense(cfg.intermediate_size, ("vision_embed", "vision_mlp"), dt, pdt, "up_proj")(x)
-        return _dense(cfg.hidden_size, ("vision_mlp", "vision_embed"), dt, pdt, "down_proj")(nn.silu(gate) * up)
-
-
 class VisionBlock(nn.Module):
     """One pre-norm block; `is_full` (traced bool) picks full or window attention via `lax.cond`."""
 
@@ -307,7 +267,9 @@ class VisionBlock(nn.Module):
         cfg, dt, pdt = self.cfg, self.dtype, self.param_dtype
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, "vision_embed", dt, pdt, name=name)  # noqa: E731
         x = x + VisionAttention(cfg, dt, pdt, name="attn")(norm("norm1")(x), is_full, cos, sin, layout)
-        x = x + VisionMLP(cfg, dt, pdt, name="mlp")(norm("norm2")(x))
+        x = x + MLP(cfg.hidden_size, cfg.intermediate_size, ("vision_embed", "vision_mlp"), True, dt, pdt, name="mlp")(
+            norm("norm2")(x)
+        )
         return x, None
 
 

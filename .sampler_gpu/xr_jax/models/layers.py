@@ -1,0 +1,85 @@
+"""Building blocks shared by the text decoder and the vision tower.
+
+Casts follow transformers exactly where parity depends on them (see reference/qwen2_5_vl.md §6.2).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(name_or_dtype) -> Dtype:
+    return DTYPES[name_or_dtype] if isinstance(name_or_dtype, str) else name_or_dtype
+
+
+def dense_init(axes: Sequence[str], init=nn.initializers.normal(0.02)):
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias), kernel (in, out) with logical axes; computes in `dtype`."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", dense_init(self.axes), (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                (self.features,), self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, *then* scale.
+
+    The weight is cast to the compute dtype first, which is what a bf16 transformers run does.
+    """
+
+    eps: float = 1e-6
+    axis_name: str = "embed"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],), self.param_dtype,
+        )
+        in_dtype = x.dtype
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * h.astype(in_dtype)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """x * cos + rotate_half(x) * sin, in the dtype of `cos` (callers choose fp32 or compute dtype)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def remat_policy(name: str):
+    if name == "dots":
+        return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    return None

@@ -1,0 +1,210 @@
+"""The Qwen2 / Qwen2.5 text decoder (also the language model inside Qwen2.5-VL).
+
+One code path serves training (full sequence, packed rows via segment ids) and decoding (a static
+KV cache written at `cache["index"]`). Decoder layers live under `nn.scan` with params stacked on a
+leading `layers` axis — the layout of `xr_jax.models.naming`; `scan_layers=False` unrolls the same
+scan, so the param tree never changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xr_jax.models.config import ModelConfig, TextConfig
+from xr_jax.models.layers import Dense, RMSNorm, apply_rotary, as_dtype, remat_policy
+
+Cache = dict[str, Any]
+
+
+def text_rotary(positions, cfg: TextConfig, dtype):
+    """cos/sin [B, T, head_dim] for positions [3, B, T] (M-RoPE) — cast to the compute dtype as transformers does.
+
+    Frequency chunk i of `mrope_section` takes its angle from axis i % 3 (t, h, w); a text-only model
+    (`mrope_section` None) uses axis 0. inv_freq is computed in float64 and rounded once, the closest
+    float32 to the exact value.
+    """
+    hd = cfg.head_dim
+    inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))).astype(np.float32)
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [3, B, T, hd/2]
+    if cfg.mrope_section is None:
+        freqs = freqs[0]
+    else:
+        axis_of = np.concatenate([np.full(n, i % 3) for i, n in enumerate(cfg.mrope_section)])
+        freqs = jnp.take_along_axis(freqs, jnp.asarray(axis_of)[None, None, None, :], axis=0)[0]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def attention_mask(q_segment, kv_segment, q_index, kv_index):
+    """bool [B, 1, T, S]: same (non-zero) segment and causal by slot index."""
+    same = (q_segment[:, :, None] == kv_segment[:, None, :]) & (q_segment[:, :, None] != 0)
+    causal = kv_index[None, None, :] <= q_index[None, :, None]
+    return (same & causal)[:, None]
+
+
+def dot_product_attention(q, k, v, mask, impl: str, dtype):
+    """q [B,T,N,H], k/v [B,S,K,H] (GQA: query head i uses kv head i // (N/K)); mask [B,1,T,S] bool.
+
+    "einsum" mirrors transformers' eager path (scores in the compute dtype, softmax in fp32, cast
+    back); "cudnn" is the fused flash kernel of `jax.nn.dot_product_attention` on GPU.
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    scale = h**-0.5
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    q = q.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * jnp.asarray(scale, dtype)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def resolve_attention(cfg: ModelConfig, decoding: bool) -> str:
+    if cfg.attention != "auto":
+        return cfg.attention
+    fused_ok = jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16") and not decoding
+    return "cudnn" if fused_ok else "einsum"
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+        tc, dtype, pdt = self.cfg.text, as_dtype(self.cfg.dtype), as_dtype(self.cfg.param_dtype)
+        b, t, _ = x.shape
+        hd = tc.head_dim
+        dense = lambda f, axes, bias, name: Dense(f, axes, bias, dtype, pdt, name=name)  # noqa: E731
+        q = dense(tc.num_heads * hd, ("embed", "heads"), True, "q_proj")(x).reshape(b, t, tc.num_heads, hd)
+        k = dense(tc.num_kv_heads * hd, ("embed", "kv_heads"), True, "k_proj")(x).reshape(b, t, tc.num_kv_heads, hd)
+        v = dense(tc.num_kv_heads * hd, ("embed", "kv_heads"), True, "v_proj")(x).reshape(b, t, tc.num_kv_heads, hd)
+        q = apply_rotary(q, cos[:, :, None, :], sin[:, :, None, :])
+        k = apply_rotary(k, cos[:, :, None, :], sin[:, :, None, :])
+        q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
+        new_kv = None
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_kv = (ck, cv)
+            k, v = ck.astype(dtype), cv.astype(dtype)
+        impl = resolve_attention(self.cfg, decoding=cache_kv is not None)
+        out = dot_product_attention(q, k, v, mask, impl, dtype)
+        out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
+        out = Dense(tc.hidden_size, ("heads", "embed"), False, dtype, pdt, name="o_proj")(out.reshape(b, t, -1))
+        return out, new_kv
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); biases only in the vision tower's variant."""
+
+    hidden: int
+    intermediate: int
+    axes: tuple[str, str] = ("embed", "mlp")
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda f, axes, name: Dense(f, axes, self.use_bias, self.dtype, self.param_dtype, name=name)  # noqa: E731
+        g = dense(self.intermediate, self.axes, "gate_proj")(x)
+        u = dense(self.intermediate, self.axes, "up_proj")(x)
+        h = nn.with_logical_constraint(jax.nn.silu(g) * u, ("act_batch", "act_length", "act_" + self.axes[1]))
+        return dense(self.hidden, self.axes[::-1], "down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; scan-compatible signature `(h, cache_kv, *broadcast) -> (h, new_cache_kv)`."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h, cache_kv, cos, sin, mask, cache_index):
+        tc, dtype, pdt = self.cfg.text, as_dtype(self.cfg.dtype), as_dtype(self.cfg.param_dtype)
+        norm = lambda name: RMSNorm(tc.rms_norm_eps, "embed", dtype, pdt, name=name)  # noqa: E731
+        a, new_kv = Attention(self.cfg, name="self_attn")(norm("input_layernorm")(h), cos, sin, mask, cache_kv, cache_index)
+        h = h + a
+        h = h + MLP(tc.hidden_size, tc.intermediate_size, dtype=dtype, param_dtype=pdt, name="mlp")(
+            norm("post_attention_layernorm")(h)
+        )
+        h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_embed"))
+        return h, new_kv
+
+
+class TextModel(nn.Module):
+    """`model.*` of the HF checkpoint: embed_tokens, layers (stacked), norm."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        tc, dtype, pdt = self.cfg.text, as_dtype(self.cfg.dtype), as_dtype(self.cfg.param_dtype)
+        self.embed_tokens = nn.Embed(
+            tc.vocab_size, tc.hidden_size, dtype=dtype, param_dtype=pdt,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        )
+        layer = DecoderLayer
+        if self.cfg.remat != "none":
+            layer = nn.remat(layer, prevent_cse=False, policy=remat_policy(self.cfg.remat))
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=tc.num_layers,
+            unroll=1 if self.cfg.scan_layers else tc.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(self.cfg)
+        self.norm = RMSNorm(tc.rms_norm_eps, "embed", dtype, pdt)
+
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, embeds, positions, segment_ids, cache: Optional[Cache] = None):
+        """embeds [B,T,D], positions [3,B,T], segment_ids [B,T] (0 = padding) -> (hidden [B,T,D], cache)."""
+        dtype = as_dtype(self.cfg.dtype)
+        t = embeds.shape[1]
+        cos, sin = text_rotary(positions, self.cfg.text, dtype)
+        h = nn.with_logical_constraint(embeds.astype(dtype), ("act_batch", "act_length", "act_embed"))
+        if cache is None:
+            idx = jnp.arange(t)
+            mask = attention_mask(segment_ids, segment_ids, idx, idx)
+            h, _ = self.layers(h, None, cos, sin, mask, None)
+            return self.norm(h), None
+        start = cache["index"]
+        kv_segment = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, start))
+        mask = attention_mask(segment_ids, kv_segment, start + jnp.arange(t), jnp.arange(kv_segment.shape[1]))
+        h, (k, v) = self.layers(h, (cache["k"], cache["v"]), cos, sin, mask, start)
+        return self.norm(h), {"k": k, "v": v, "segment_ids": kv_segment, "index": start + t}
+
+    def attend(self, h):
+        """Tied LM head: logits = h @ embedding.T."""
+        return self.embed_tokens.attend(h)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+    """An empty KV cache: k/v [layers, B, S, kv_heads, head_dim], per-slot segment ids, write index 0."""
+    tc = cfg.text
+    dtype = as_dtype(dtype or cfg.dtype)
+    shape = (tc.num_layers, batch, max_len, tc.num_kv_heads, tc.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+CACHE_AXES = {
+    "k": ("layers", "act_batch", "act_length", "act_kv_heads", None),
+    "v": ("layers", "act_batch", "act_length", "act_kv_heads", None),
+    "segment_ids": ("act_batch", "act_length"),
+    "index": (),
+}

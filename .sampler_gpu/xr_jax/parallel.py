@@ -1,0 +1,166 @@
+"""Device mesh, the one logical-axis rules table, and sharding of params and batches.
+
+Params and activations carry logical axis names; `LOGICAL_RULES` maps them onto the mesh axes
+('data', 'fsdp', 'tensor'). Changing the parallel layout means changing this table (or the mesh
+shape), never the model. A mesh axis that does not divide a param dimension is dropped for that
+param (it is replicated along that axis) rather than failing — e.g. 4 KV heads on tensor=8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+from jax.experimental import mesh_utils
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_vision_mlp", "tensor"),
+    # params: FSDP over the model dimension, tensor parallel over heads / mlp / vocab
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vision_embed", "fsdp"),
+    ("vision_qkv", "tensor"),
+    ("vision_heads", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("vision_patch", None),
+    ("vision_merge", "tensor"),
+)
+
+
+class MeshError(ValueError):
+    pass
+
+
+def mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
+    """Resolve one `-1` entry so the product equals the device count."""
+    shape = list(shape)
+    if len(shape) != len(MESH_AXES):
+        raise MeshError(f"mesh shape {tuple(shape)} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    if shape.count(-1) > 1:
+        raise MeshError(f"mesh shape {tuple(shape)}: at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if n_devices % known:
+            raise MeshError(f"mesh shape {tuple(shape)} does not divide {n_devices} devices")
+        shape[shape.index(-1)] = n_devices // known
+    if math.prod(shape) != n_devices:
+        raise MeshError(
+            f"mesh shape {tuple(shape)} uses {math.prod(shape)} devices but {n_devices} are present; "
+            "use -1 for one axis to fill"
+        )
+    return tuple(shape)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Optional[Sequence[Any]] = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    resolved = mesh_shape(shape, len(devices))
+    try:
+        arr = mesh_utils.create_device_mesh(resolved, devices)
+    except Exception:  # simulated CPU devices have no topology
+        arr = np.asarray(devices).reshape(resolved)
+    return Mesh(arr, MESH_AXES)
+
+
+def _rules(rules) -> dict[str, Any]:
+    return dict(LOGICAL_RULES if rules is None else rules)
+
+
+def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules=None) -> P:
+    """PartitionSpec for a value with these logical axis names; non-dividing mesh axes are dropped."""
+    table = _rules(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no entry in parallel.LOGICAL_RULES")
+        target = table[name]
+        axes = [target] if isinstance(target, str) else list(target or [])
+        axes = [a for a in axes if a not in used and mesh.shape[a] > 1]
+        keep = []
+        for a in axes:
+            if dim % (math.prod(mesh.shape[k] for k in keep) * mesh.shape[a]) == 0:
+                keep.append(a)
+        used.update(keep)
+        spec.append(tuple(keep) if len(keep) > 1 else (keep[0] if keep else None))
+    return P(*spec)
+
+
+def param_shardings(boxed_params, mesh: Mesh, rules=None):
+    """NamedSharding tree for a (possibly abstract) boxed param tree from `init_params`."""
+
+    def one(x):
+        if isinstance(x, nn.Partitioned):
+            return NamedSharding(mesh, logical_to_spec(x.names, x.value.shape, mesh, rules))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def shard_params(boxed_params, mesh: Mesh, rules=None):
+    """Unbox and place params on the mesh by their logical axes."""
+    shardings = param_shardings(boxed_params, mesh, rules)
+    return jax.device_put(nn.unbox(boxed_params), shardings)
+
+
+def path_shardings(cfg, mesh: Mesh, rules=None):
+    """`fn(param_path, shape) -> NamedSharding` for `hf.load_hf(..., shardings=...)`."""
+    from xr_jax.models.qwen2_5_vl import init_params
+
+    boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    flat = {}
+
+    def visit(tree, prefix=()):
+        for k, v in tree.items():
+            if isinstance(v, Mapping):
+                visit(v, prefix + (k,))
+            else:
+                flat[prefix + (k,)] = v
+
+    visit(boxed)
+
+    def fn(path, shape):
+        x = flat[tuple(path)]
+        names = x.names if isinstance(x, nn.Partitioned) else (None,) * len(shape)
+        return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+    return fn
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedSharding:
+    spec = [None] * ndim
+    spec[batch_axis] = ("data", "fsdp")
+    return NamedSharding(mesh, P(*spec))
+
+
+def axis_rules(rules=None):
+    """Context manager activating the rules for `nn.with_logical_constraint` inside jitted code."""
+    return nn.logical_axis_rules(tuple(_rules(rules).items()))
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=None):
+    """Activate the mesh and the logical rules for tracing/running sharded code."""
+    with jax.set_mesh(mesh), axis_rules(rules):
+        yield
