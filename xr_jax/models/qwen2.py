@@ -77,7 +77,9 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, cache_kv=None, layer=None, cache_index=None):
+        """cache_kv: the whole stacked cache (k, v) [layers, B, S, K, H]; this layer writes its new k/v
+        in place at (layer, :, cache_index) and attends over its own slice."""
         tc, dtype, pdt = self.cfg.text, as_dtype(self.cfg.dtype), as_dtype(self.cfg.param_dtype)
         b, t, _ = x.shape
         hd = tc.head_dim
@@ -91,10 +93,12 @@ class Attention(nn.Module):
         new_kv = None
         if cache_kv is not None:
             ck, cv = cache_kv
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            at = (layer, 0, cache_index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
             new_kv = (ck, cv)
-            k, v = ck.astype(dtype), cv.astype(dtype)
+            k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(dtype)
+            v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(dtype)
         impl = resolve_attention(self.cfg, decoding=cache_kv is not None)
         out = dot_product_attention(q, k, v, mask, impl, dtype)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
@@ -103,21 +107,29 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block; scan-compatible signature `(h, cache_kv, *broadcast) -> (h, new_cache_kv)`."""
+    """Pre-norm block; scan signature `((h, cache_kv), layer, *broadcast) -> ((h, new_cache_kv), None)`.
+
+    The whole stacked KV cache rides in the scan carry and each layer updates its slot in place: as
+    scanned input/output instead, XLA would copy the full cache every decode step (measured: about
+    half the step time of a 0.5B model at batch 64 on an H200).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, h, cache_kv, cos, sin, mask, cache_index):
+    def __call__(self, carry, layer, cos, sin, mask, cache_index):
+        h, cache_kv = carry
         tc, dtype, pdt = self.cfg.text, as_dtype(self.cfg.dtype), as_dtype(self.cfg.param_dtype)
         norm = lambda name: RMSNorm(tc.rms_norm_eps, "embed", dtype, pdt, name=name)  # noqa: E731
-        a, new_kv = Attention(self.cfg, name="self_attn")(norm("input_layernorm")(h), cos, sin, mask, cache_kv, cache_index)
+        a, new_kv = Attention(self.cfg, name="self_attn")(
+            norm("input_layernorm")(h), cos, sin, mask, cache_kv, layer, cache_index
+        )
         h = h + a
         h = h + MLP(tc.hidden_size, tc.intermediate_size, dtype=dtype, param_dtype=pdt, name="mlp")(
             norm("post_attention_layernorm")(h)
         )
         h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_embed"))
-        return h, new_kv
+        return (h, new_kv), None
 
 
 class TextModel(nn.Module):
@@ -145,6 +157,9 @@ class TextModel(nn.Module):
         )(self.cfg)
         self.norm = RMSNorm(tc.rms_norm_eps, "embed", dtype, pdt)
 
+    def layer_ids(self):
+        return jnp.arange(self.cfg.text.num_layers, dtype=jnp.int32)
+
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
 
@@ -157,12 +172,12 @@ class TextModel(nn.Module):
         if cache is None:
             idx = jnp.arange(t)
             mask = attention_mask(segment_ids, segment_ids, idx, idx)
-            h, _ = self.layers(h, None, cos, sin, mask, None)
+            (h, _), _ = self.layers((h, None), self.layer_ids(), cos, sin, mask, None)
             return self.norm(h), None
         start = cache["index"]
         kv_segment = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, start))
         mask = attention_mask(segment_ids, kv_segment, start + jnp.arange(t), jnp.arange(kv_segment.shape[1]))
-        h, (k, v) = self.layers(h, (cache["k"], cache["v"]), cos, sin, mask, start)
+        (h, (k, v)), _ = self.layers((h, (cache["k"], cache["v"])), self.layer_ids(), cos, sin, mask, start)
         return self.norm(h), {"k": k, "v": v, "segment_ids": kv_segment, "index": start + t}
 
     def attend(self, h):

@@ -1,0 +1,474 @@
+"""Jitted sampler: left-padded prefill, KV-cache decode in `lax.while_loop`, forced exit, group sampling.
+
+Shapes are static so one compiled program serves every call with the same (batch, prompt bucket,
+patch bucket, config): prompts are left-padded to a length bucket, the cache holds
+`bucket + max_new - 1` slots, and every row's k-th generated token sits in column k of the output
+(all rows start generating at the same step), at M-RoPE position `prompt_len + k + rope_delta`.
+
+Forced exit (X-Reasoner §2.1 / s1 budget forcing): with `max_think = k`, a row that has not produced
+the exit pattern (`</think>`, matched on decoded bytes by `byte_match`) within its first k tokens
+gets the exit ids written at columns k .. k+E-1 (fed through the model, marked `forced`), then up to
+`max_answer` more sampled tokens. Every row's output is bounded by `k + E + max_answer`, so a row
+that closed `</think>` itself samples exactly what it would without forced exit.
+
+Typical use:
+
+    sampler = Sampler(model_cfg, SamplingConfig(temperature=1.0, max_think=3839, max_answer=256),
+                      forced_exit=ForcedExit.build(exit_ids, token_bytes, model_cfg.text.vocab_size))
+    out = sampler.generate(params, [Prompt(ids), Prompt(ids2, pixel_values, grid_thw)], rng=0, group_size=8)
+    out.tokens, out.logprobs, out.forced, out.lengths, out.finish_names()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xr_jax import parallel
+from xr_jax.byte_match import ByteMatcher
+from xr_jax.models.config import ModelConfig
+from xr_jax.models.qwen2 import CACHE_AXES, init_cache
+from xr_jax.models.qwen2_5_vl import Qwen2_5_VL, check_image_tokens, get_rope_index
+
+# finish reasons: EOS = stopped on a stop id; FORCED_EXIT = forced, then stopped on a stop id;
+# LENGTH = ran out of tokens (forced or not: a forced row that also exhausts max_answer is LENGTH).
+EOS, FORCED_EXIT, LENGTH = 0, 1, 2
+FINISH_NAMES = ("eos", "forced_exit", "length")
+
+QWEN_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+DEFAULT_PROMPT_BUCKETS = tuple(2**i for i in range(5, 16))  # 32 .. 32768
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """What to sample. Changing any field compiles a new program (they fix shapes or code paths).
+
+    temperature: 0 = greedy (logprobs then at temperature 1); > 0 samples from softmax(logits / T).
+    top_k: 0 = off. top_p: 1.0 = off. Filters shape the sampling distribution only: returned
+      logprobs are always the unfiltered softmax(logits / T) — what the trainer recomputes.
+    max_new_tokens: output length without forced exit (`max_think` None).
+    max_think / max_answer: forced exit on; output length is max_think + len(exit ids) + max_answer.
+    stop_ids: a sampled stop id ends its row (included in the output); forced tokens never stop.
+    pad_id: fills the output after a row ends (and left-pads prompts).
+    prompt_buckets: prompts are left-padded to the smallest bucket that fits the longest one.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    max_think: Optional[int] = None
+    max_answer: int = 256
+    stop_ids: tuple[int, ...] = QWEN_STOP_IDS
+    pad_id: int = 151643
+    prompt_buckets: tuple[int, ...] = DEFAULT_PROMPT_BUCKETS
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_think is not None and (self.max_think < 0 or self.max_answer < 0):
+            raise ValueError(
+                f"sampling.max_think ({self.max_think}) and sampling.max_answer ({self.max_answer}) must be >= 0"
+            )
+        if not self.prompt_buckets or sorted(self.prompt_buckets) != list(self.prompt_buckets):
+            raise ValueError(f"sampling.prompt_buckets must be a non-empty increasing tuple, got {self.prompt_buckets}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForcedExit:
+    """The exit ids written at the budget, and the matcher that tells a row already closed its thinking.
+
+    `ids` are the tokenizer's ids of the forced text (default text `</think>`; a suffix such as
+    `\\n\\n<answer>` may follow); `matcher` looks for `detect` (default `</think>`) in decoded bytes.
+    """
+
+    ids: tuple[int, ...]
+    matcher: ByteMatcher
+
+    @classmethod
+    def build(
+        cls, exit_ids: Sequence[int], token_bytes: Sequence[bytes], vocab_size: int, detect: bytes = b"</think>"
+    ) -> "ForcedExit":
+        ids = tuple(int(i) for i in exit_ids)
+        if not ids or min(ids) < 0 or max(ids) >= vocab_size:
+            raise ValueError(f"forced-exit ids {ids} must be a non-empty list of ids below the vocabulary {vocab_size}")
+        matcher = ByteMatcher.build(detect, token_bytes, vocab_size)
+        if matcher.run(ids) != matcher.found:
+            text = b"".join(token_bytes[i] for i in ids)
+            raise ValueError(f"forced-exit ids decode to {text!r}, which does not contain the exit pattern {detect!r}")
+        return cls(ids, matcher)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One prompt: token ids (with `<|image_pad|>` runs), and its images' patches and grids if any."""
+
+    ids: Sequence[int]
+    pixel_values: Optional[np.ndarray] = None  # [patches, patch_dim]
+    grid_thw: Optional[np.ndarray] = None  # [images, 3]
+
+
+@dataclasses.dataclass
+class PromptBatch:
+    """Host arrays of a left-padded prompt batch (shapes fixed by the buckets)."""
+
+    input_ids: np.ndarray  # [B, L] int32
+    segment_ids: np.ndarray  # [B, L] int32, 0 = padding
+    positions: np.ndarray  # [3, B, L] int32 M-RoPE positions
+    next_position: np.ndarray  # [B] int32: position of generated token 0 = prompt_len + rope_delta
+    prompt_lengths: np.ndarray  # [B] int32
+    pixel_values: Optional[np.ndarray] = None  # [P, patch_dim] float32, padded to a patch bucket
+    vision_layout: Any = None
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """Per generated row (prompt-major: row p * G + g is sample g of prompt p), numpy.
+
+    tokens [N, T] (pad_id after the end), logprobs [N, T] (0 after the end), forced [N, T] (exit
+    tokens written by the sampler), lengths [N], finish_reason [N] (codes EOS/FORCED_EXIT/LENGTH).
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    forced: np.ndarray
+    lengths: np.ndarray
+    finish_reason: np.ndarray
+    group_size: int = 1
+
+    @property
+    def mask(self) -> np.ndarray:
+        """[N, T] True on generated tokens (before padding)."""
+        return np.arange(self.tokens.shape[1])[None] < self.lengths[:, None]
+
+    @property
+    def prompt_index(self) -> np.ndarray:
+        return np.arange(len(self.lengths)) // self.group_size
+
+    def finish_names(self) -> list[str]:
+        return [FINISH_NAMES[int(r)] for r in self.finish_reason]
+
+    def row_ids(self, row: int) -> list[int]:
+        return self.tokens[row, : self.lengths[row]].tolist()
+
+
+# ----------------------------------------------------------------------------------------------- host side
+
+
+def bucket(n: int, buckets: Sequence[int], what: str) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]} (buckets {tuple(buckets)})")
+
+
+def prepare_prompts(prompts: Sequence[Prompt], cfg: ModelConfig, scfg: SamplingConfig) -> PromptBatch:
+    """Left-pad prompts into a bucket, compute M-RoPE positions, pack and pad image patches."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    rows = [np.asarray(p.ids, np.int64).reshape(-1) for p in prompts]
+    for i, (r, p) in enumerate(zip(rows, prompts)):
+        if len(r) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if r.min() < 0 or r.max() >= cfg.text.vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside [0, {cfg.text.vocab_size})")
+        if (p.pixel_values is None) != (p.grid_thw is None):
+            raise ValueError(f"prompt {i}: pixel_values and grid_thw must be given together")
+        try:
+            check_image_tokens(r[None], p.grid_thw, cfg)
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+    b = len(rows)
+    length = bucket(max(map(len, rows)), scfg.prompt_buckets, "prompt length")
+    ids = np.full((b, length), scfg.pad_id, np.int64)
+    seg = np.zeros((b, length), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        seg[i, length - len(r):] = 1
+    grids = [np.asarray(p.grid_thw).reshape(-1, 3) for p in prompts if p.grid_thw is not None]
+    grid = np.concatenate(grids) if grids else None
+    positions, deltas = get_rope_index(ids, grid, seg, cfg)
+    lengths = np.array([len(r) for r in rows], np.int32)
+    batch = PromptBatch(
+        input_ids=ids.astype(np.int32), segment_ids=seg, positions=positions.astype(np.int32),
+        next_position=(lengths + deltas).astype(np.int32), prompt_lengths=lengths,
+    )
+    if grid is not None:
+        from xr_jax.models.vision import vision_layout, window_count
+
+        pixels = np.concatenate([np.asarray(p.pixel_values, np.float32) for p in prompts if p.pixel_values is not None])
+        n_patches = max(64, 1 << int(np.ceil(np.log2(len(pixels)))))  # power-of-two buckets
+        n_windows = max(1, 1 << int(np.ceil(np.log2(window_count(grid, cfg.vision)))))
+        batch.pixel_values = np.zeros((n_patches, pixels.shape[1]), np.float32)
+        batch.pixel_values[: len(pixels)] = pixels
+        batch.vision_layout = vision_layout(grid, cfg.vision, num_patches=n_patches, num_windows=n_windows)
+    return batch
+
+
+def cast_params(params, dtype):
+    """A copy of the floating-point params in `dtype` (e.g. a bf16 copy of fp32 training params)."""
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+    )
+
+
+def _row_keys(rng, n: int):
+    """Per-row PRNG keys from an int seed, one key (split), or n keys (used as given)."""
+    if isinstance(rng, (int, np.integer)):
+        rng = jax.random.key(int(rng))
+    rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng.astype(jnp.uint32))
+    if rng.ndim == 0:
+        return jax.random.split(rng, n)
+    if rng.shape != (n,):
+        raise ValueError(f"rng holds {rng.shape[0]} keys but {n} rows are sampled (batch x group_size)")
+    return rng
+
+
+# ----------------------------------------------------------------------------------------------- device side
+
+
+def filter_logits(scaled, top_k: int, top_p=None):
+    """Top-k then top-p (nucleus) filtering of [B, V] logits; filtered entries become -inf.
+
+    top_k 0 and top_p None are off (static); the top_p value itself may be traced.
+    """
+    neg = jnp.asarray(-jnp.inf, scaled.dtype)
+    if top_k:
+        kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+        scaled = jnp.where(scaled < kth, neg, scaled)
+    if top_p is not None:
+        desc = -jnp.sort(-scaled, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        n_keep = jnp.sum(before < top_p, axis=-1, keepdims=True)  # >= 1: the top token is always kept
+        threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
+        scaled = jnp.where(scaled < threshold, neg, scaled)
+    return scaled
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeProgram:
+    """The static part of a decode — what fixes shapes or code paths (one compile per value).
+
+    Temperature, top-p value, thinking budget, stop ids and the exit tables are runtime arrays, so
+    e.g. two budgets with the same total length share one program.
+    """
+
+    model: ModelConfig
+    max_new: int  # T
+    greedy: bool
+    top_k: int
+    top_p: bool  # nucleus filtering on
+    n_exit: int  # forced-exit ids E; 0 = forced exit off
+    pad_id: int
+    group_size: int
+
+
+def _prefill(params, input_ids, positions, segment_ids, pixel_values, vision_layout, *, model: ModelConfig):
+    """Prompt forward into a prompt-sized cache; logits [B, V] of the last prompt token only."""
+    net = Qwen2_5_VL(model)
+    cache = init_cache(model, input_ids.shape[0], input_ids.shape[1])
+    hidden, cache = net.apply(
+        {"params": params}, input_ids, positions, segment_ids, pixel_values, vision_layout,
+        cache=cache, return_hidden=True,
+    )
+    return cache, net.apply({"params": params}, hidden[:, -1], method=Qwen2_5_VL.logits)
+
+
+def _decode(params, prompt_cache, logits, next_position, row_keys, knobs, *, program: DecodeProgram):
+    """Repeat the prompt cache for the group, then choose T tokens per row in a while_loop (early stop).
+
+    knobs: temperature, top_p, max_think (int), stop_ids [n] (-1 = unused slot) and, with forced
+    exit, exit_ids [E] and transitions [V, S] (`ByteMatcher`).
+    """
+    pg, net, T = program, Qwen2_5_VL(program.model), program.max_new
+    rep = lambda x, axis: jnp.repeat(x, pg.group_size, axis=axis) if pg.group_size > 1 else x  # noqa: E731
+    logits, next_position = rep(logits, 0), rep(next_position, 0)
+    n = logits.shape[0]
+    extra = T - 1  # slots for fed-back tokens (the last token is never fed)
+    kv_pad = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
+    cache = {
+        "k": jnp.pad(rep(prompt_cache["k"], 1), kv_pad),
+        "v": jnp.pad(rep(prompt_cache["v"], 1), kv_pad),
+        "segment_ids": jnp.pad(rep(prompt_cache["segment_ids"], 0), ((0, 0), (0, extra))),
+        "index": prompt_cache["index"],
+    }
+    cache = {k: nn.with_logical_constraint(v, CACHE_AXES[k]) for k, v in cache.items()}
+    k_think = knobs["max_think"]
+
+    def choose(t, logits, st):
+        """Token t of every row from its logits: sampled, or written by the exit budget."""
+        scaled = logits.astype(jnp.float32)
+        if pg.greedy:
+            token = jnp.argmax(scaled, axis=-1).astype(jnp.int32)
+        else:
+            scaled = scaled / knobs["temperature"]
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
+            filtered = filter_logits(scaled, pg.top_k, knobs["top_p"] if pg.top_p else None)
+            token = jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
+        st = dict(st)
+        forced = jnp.zeros_like(st["done"])
+        if pg.n_exit:
+            found = knobs["transitions"].shape[1] - 1
+            closed = st["match"] == found
+            st["forcing"] = jnp.where(t == k_think, ~closed & ~st["done"], st["forcing"])
+            forced = st["forcing"] & (t >= k_think) & (t < k_think + pg.n_exit)
+            token = jnp.where(forced, knobs["exit_ids"][jnp.clip(t - k_think, 0, pg.n_exit - 1)], token)
+            st["match"] = knobs["transitions"][token, st["match"]]
+        logprob = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
+        live = ~st["done"]
+        stopped = live & ~forced & jnp.any(token[:, None] == knobs["stop_ids"][None], axis=-1)
+        put = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, t))  # noqa: E731
+        st["tokens"] = put(st["tokens"], jnp.where(live, token, pg.pad_id))
+        st["logprobs"] = put(st["logprobs"], jnp.where(live, logprob, 0.0))
+        st["forced"] = put(st["forced"], forced & live)
+        st["lengths"] = st["lengths"] + live
+        st["stopped"] = st["stopped"] | stopped
+        st["done"] = st["done"] | stopped
+        st["last"] = token
+        return st
+
+    st = {
+        "tokens": jnp.full((n, T), pg.pad_id, jnp.int32),
+        "logprobs": jnp.zeros((n, T), jnp.float32),
+        "forced": jnp.zeros((n, T), bool),
+        "lengths": jnp.zeros((n,), jnp.int32),
+        "done": jnp.zeros((n,), bool),
+        "stopped": jnp.zeros((n,), bool),
+        "last": jnp.zeros((n,), jnp.int32),
+    }
+    if pg.n_exit:
+        st["match"] = jnp.zeros((n,), jnp.int32)
+        st["forcing"] = jnp.zeros((n,), bool)
+    st = choose(0, logits, st)
+
+    def body(carry):
+        t, cache, st = carry
+        pos = jnp.broadcast_to((next_position + t - 1)[None, :, None], (3, n, 1))
+        step_logits, cache = net.apply(
+            {"params": params}, st["last"][:, None], pos, jnp.ones((n, 1), jnp.int32), cache=cache
+        )
+        return t + 1, cache, choose(t, step_logits[:, 0], st)
+
+    def cond(carry):
+        t, _, st = carry
+        return (t < T) & ~jnp.all(st["done"])
+
+    _, _, st = jax.lax.while_loop(cond, body, (jnp.asarray(1, jnp.int32), cache, st))
+    any_forced = jnp.any(st["forced"], axis=-1)
+    reason = jnp.where(st["stopped"], jnp.where(any_forced, FORCED_EXIT, EOS), LENGTH).astype(jnp.int32)
+    return {
+        "tokens": st["tokens"], "logprobs": st["logprobs"], "forced": st["forced"],
+        "lengths": st["lengths"], "finish_reason": reason,
+    }
+
+
+# Module-level so every Sampler with the same static structure shares the compiled programs.
+prefill_jit = jax.jit(_prefill, static_argnames=("model",))
+decode_jit = jax.jit(_decode, static_argnames=("program",))
+
+
+class Sampler:
+    """Sampling for one model config, sampling config and forced-exit setting.
+
+    `mesh`: run sharded (batch over data/fsdp, heads over tensor) with params already placed on it
+    (the training params, or `cast_params(params, jnp.bfloat16)` as a bf16 copy).
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, scfg: SamplingConfig, forced_exit: Optional[ForcedExit] = None,
+        mesh: Optional[jax.sharding.Mesh] = None,
+    ):
+        cfg.validate()
+        scfg.validate()
+        if scfg.max_think is not None and forced_exit is None:
+            raise ValueError("sampling.max_think is set but no ForcedExit (exit ids + token bytes) was given")
+        for name, ids in (("stop_ids", scfg.stop_ids), ("pad_id", (scfg.pad_id,))):
+            if any(not 0 <= i < cfg.text.vocab_size for i in ids):
+                raise ValueError(f"sampling.{name} {ids} outside the vocabulary [0, {cfg.text.vocab_size})")
+        if forced_exit is not None and forced_exit.matcher.transitions.shape[0] != cfg.text.vocab_size:
+            raise ValueError("the ForcedExit was built for a different vocabulary size than the model's")
+        self.cfg, self.scfg, self.mesh = cfg, scfg, mesh
+        self.forced_exit = forced_exit if scfg.max_think is not None else None
+
+    @property
+    def max_new(self) -> int:
+        """Static output length T (max_think + E + max_answer with forced exit)."""
+        if self.forced_exit is None:
+            return self.scfg.max_new_tokens
+        return self.scfg.max_think + len(self.forced_exit.ids) + self.scfg.max_answer
+
+    def program(self, group_size: int) -> DecodeProgram:
+        s = self.scfg
+        return DecodeProgram(
+            model=self.cfg, max_new=self.max_new, greedy=s.greedy, top_k=s.top_k, top_p=s.top_p < 1.0,
+            n_exit=len(self.forced_exit.ids) if self.forced_exit else 0, pad_id=s.pad_id, group_size=group_size,
+        )
+
+    def knobs(self) -> dict:
+        s, fe = self.scfg, self.forced_exit
+        n_stop = max(4, -(-len(s.stop_ids) // 4) * 4)  # padded to a multiple of 4: one program for any few stops
+        knobs = {
+            "temperature": jnp.float32(max(s.temperature, 1e-6)),
+            "top_p": jnp.float32(s.top_p),
+            "max_think": jnp.int32(s.max_think if fe else 0),
+            "stop_ids": jnp.asarray(list(s.stop_ids) + [-1] * (n_stop - len(s.stop_ids)), jnp.int32),
+        }
+        if fe is not None:
+            knobs["exit_ids"] = jnp.asarray(fe.ids, jnp.int32)
+            knobs["transitions"] = jnp.asarray(fe.matcher.transitions)
+        return knobs
+
+    def generate(self, params, prompts: Sequence[Prompt], rng=0, group_size: int = 1) -> SampleOutput:
+        """Sample `group_size` continuations of each prompt (prefilled once; the group shares its cache).
+
+        rng: int seed, one key, or `len(prompts) * group_size` keys (row p*G+g uses key p*G+g, so a
+        group call equals G single calls given the matching keys).
+        """
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        batch = prepare_prompts(prompts, self.cfg, self.scfg)
+        keys = _row_keys(rng, len(prompts) * group_size)
+        with self._context():
+            cache, logits = prefill_jit(params, *self._place(batch), model=self.cfg)
+            out = decode_jit(
+                params, cache, logits, self._put(batch.next_position), self._put(keys), self.knobs(),
+                program=self.program(group_size),
+            )
+        out = jax.device_get(out)
+        return SampleOutput(**{k: np.asarray(v) for k, v in out.items()}, group_size=group_size)
+
+    def _context(self):
+        return parallel.use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _put(self, x, batch_axis: int = 0):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, parallel.batch_sharding(self.mesh, np.ndim(x), batch_axis))
+
+    def _place(self, batch: PromptBatch):
+        pixels = None if batch.pixel_values is None else jnp.asarray(batch.pixel_values)
+        return (
+            self._put(batch.input_ids), self._put(batch.positions, batch_axis=1), self._put(batch.segment_ids),
+            pixels, batch.vision_layout,
+        )
