@@ -104,3 +104,19 @@ def test_config_validation_names_the_key():
         ev.EvalSection(benchmarks=("gsm8k",), sources={"gsm8k": {"paht": "x"}}).validate()
     with pytest.raises(ValueError, match="eval.max_answer \\(4096\\) must be below eval.max_tokens"):
         ev.EvalSection(benchmarks=("gsm8k",), max_answer=4096).validate()
+
+
+def test_paper_suite_config_mirrors_table_7():
+    import os
+
+    import yaml
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "eval_paper.yaml")
+    section = yaml.safe_load(open(path))["eval"]
+    cfg = ev.EvalSection(**{**section, "benchmarks": tuple(section["benchmarks"])}).validate()
+    sizes = {name: bm.get(name).paper_size for name in cfg.benchmarks}
+    assert sizes == {"gsm8k": 1319, "mmlu_pro": 12032, "mmmu_val": 900, "mmmu_pro": 1730, "mmstar": 1500,
+                     "mathvista": 1000, "mathvision": 3040, "medqa": 1273, "medqa_4op": 1273,
+                     "mmlu_pro_health": 818, "mmmu_health": 150, "mmmu_pro_health": 286, "medxpertqa_mm": 2000,
+                     "omnimedvqa": 1000, "nejm": 947}
+    assert (cfg.protocol, cfg.max_tokens, cfg.forced_exit, cfg.k) == ("greedy", 4096, True, 1)
