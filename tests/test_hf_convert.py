@@ -79,16 +79,6 @@ def test_bf16_load(text_ckpt):
     assert str(leaf.dtype) == "bfloat16"
 
 
-def test_new_and_legacy_names_read_alike(tmp_path):
-    model = ref.tiny_vl(seed=1)
-    sd = ref.state_dict_numpy(model)  # in-memory v5 names: model.language_model.*, model.visual.*
-    assert any(k.startswith("model.language_model.") for k in sd)
-    legacy = {hf.naming.canonical_hf_name(k): v for k, v in sd.items()}
-    a, b = hf.tree_from_hf(sd), hf.tree_from_hf(legacy)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        assert np.array_equal(x, y)
-
-
 def _broken_copy(src, dst, edit):
     os.makedirs(dst)
     for f in os.listdir(src):

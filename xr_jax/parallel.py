@@ -42,7 +42,9 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("vision_heads", "tensor"),
     ("vision_mlp", "tensor"),
     ("vision_patch", None),
-    ("vision_merge", "tensor"),
+    ("vision_layers", None),
+    ("vision_merge", "fsdp"),
+    ("vision_merge_mlp", "tensor"),
 )
 
 

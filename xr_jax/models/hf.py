@@ -20,7 +20,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from xr_jax.models import naming
+from xr_jax.models import hf_tree, naming
+from xr_jax.models.hf_tree import flatten, set_leaf, tree_from_hf  # noqa: F401  (re-exported)
 from xr_jax.models.config import ModelConfig, TextConfig, VisionConfig
 
 VL_ARCH = "Qwen2_5_VLForConditionalGeneration"
@@ -134,53 +135,13 @@ def read_config(path: str, **runtime) -> ModelConfig:
 # ----------------------------------------------------------------------------- tensors <-> tree
 
 
-def tree_from_hf(tensors: Mapping[str, np.ndarray]) -> dict:
-    """HF tensors -> nested param dict (Flax layout, layers stacked on axis 0). Exact (transposes only)."""
-    tree: dict = {}
-    stacks: dict[tuple[str, ...], dict[int, np.ndarray]] = defaultdict(dict)
-    for name, w in tensors.items():
-        module, layer, suffix = naming.split_hf_name(name)
-        path, leaf = naming.hf_to_leaf(module, suffix, np.asarray(w))
-        if layer is None:
-            _set(tree, path, leaf)
-        else:
-            stacks[path][layer] = leaf
-    for path, by_layer in stacks.items():
-        _set(tree, path, np.stack([by_layer[i] for i in sorted(by_layer)]))
-    return tree
-
-
 def tree_to_hf(tree: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Inverse of `tree_from_hf`: legacy hub names, HF layouts; no tied lm_head written."""
+    """Params -> legacy-named HF tensors for the model `cfg` describes."""
     patch_shape = None
     if cfg.vision is not None:
         v = cfg.vision
         patch_shape = (v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-    out = {}
-    for path, w in _flatten(tree):
-        w = np.asarray(w)
-        if any(p in naming.STACKED for p in path):
-            for i in range(w.shape[0]):
-                name, t = naming.leaf_to_hf(path, w[i], i, patch_shape)
-                out[name] = t
-        else:
-            name, t = naming.leaf_to_hf(path, w, None, patch_shape)
-            out[name] = t
-    return out
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()):
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _flatten(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
+    return hf_tree.tree_to_hf(tree, patch_shape)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -203,7 +164,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Param path -> shape of the model `cfg` describes (abstract init; nothing allocated)."""
     from xr_jax.models.qwen2_5_vl import abstract_params
 
-    return {p: tuple(v.shape) for p, v in _flatten(abstract_params(cfg))}
+    return {p: tuple(v.shape) for p, v in flatten(abstract_params(cfg)).items()}
 
 
 def load_hf(
@@ -286,7 +247,7 @@ def load_hf(
                 return np.stack([read(by_layer[i], index[1:]) for i in layers[index[0]]])
 
             value = jax.make_array_from_callback(got, shardings(leaf_path, got), cb)
-        _set(params, leaf_path, value)
+        set_leaf(params, leaf_path, value, "/".join(leaf_path))
     return cfg, params
 
 

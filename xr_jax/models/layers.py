@@ -80,6 +80,9 @@ def apply_rotary(x, cos, sin):
 
 
 def remat_policy(name: str):
+    """`nn.remat` policy for ModelConfig.remat: "full" saves nothing, "dots" keeps weight matmul outputs."""
+    if name == "full":
+        return None
     if name == "dots":
-        return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
-    return None
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"remat must be one of none/full/dots, got {name!r}")
