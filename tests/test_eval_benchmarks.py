@@ -148,10 +148,10 @@ def test_nejm_answer_as_option_text(tmp_path):
 def test_errors_name_the_benchmark_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"question": "q", "answer": "no final answer"}) + "\n")
-    with pytest.raises(bm.BenchmarkFormatError, match=r"gsm8k row 0: field 'answer' has no '####"):
+    with pytest.raises(bm.BenchmarkFormatError, match=r"gsm8k row 0: empty_answer: 'answer' has no '####'"):
         bm.load_benchmark("gsm8k", str(path))
     path.write_text(json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(bm.BenchmarkFormatError, match=r"gsm8k row 0: missing field 'answer'"):
+    with pytest.raises(bm.BenchmarkFormatError, match=r"gsm8k row 0: missing_field: no 'answer'"):
         bm.load_benchmark("gsm8k", str(path))
     with pytest.raises(KeyError, match="unknown benchmark 'mmmlu'"):
         bm.get("mmmlu")

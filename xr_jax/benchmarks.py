@@ -33,7 +33,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import glob
-import io
 import json
 import os
 import random
@@ -184,34 +183,23 @@ def decode_image(cell: Any, ctx: ReadContext, base_dir: Optional[str] = None):
     Relative paths are resolved against the source's `image_root` (for benchmarks that ship images in a
     separate archive: MedXpertQA, OmniMedVQA, NEJM), else against `base_dir` (the data file's folder).
     """
-    from PIL import Image
+    from xr_jax.data.images import ImageError, load_image
 
-    if isinstance(cell, Image.Image):
-        return cell.convert("RGB")
-    if isinstance(cell, Mapping):
-        if cell.get("bytes"):
-            cell = cell["bytes"]
-        elif cell.get("path"):
-            cell = cell["path"]
-        else:
-            raise ctx.error("image cell has neither bytes nor a path")
-    if isinstance(cell, (bytes, bytearray)):
-        with Image.open(io.BytesIO(cell)) as im:
-            return im.convert("RGB")
-    if isinstance(cell, str):
-        path = cell
-        if not os.path.isabs(path):
-            roots = [r for r in (ctx.image_root, base_dir) if r]
-            found = [os.path.join(r, path) for r in roots if os.path.exists(os.path.join(r, path))]
-            if not found:
-                raise ctx.error(
-                    f"image {path!r} not found under {roots or 'any folder'}; set the source's image_root "
-                    "to the folder the benchmark's image archive was extracted to"
-                )
-            path = found[0]
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    raise ctx.error(f"cannot read an image from a {type(cell).__name__}")
+    if isinstance(cell, Mapping) and cell.get("bytes") is None and cell.get("path"):
+        cell = cell["path"]
+    if isinstance(cell, str) and not os.path.isabs(cell):
+        roots = [r for r in (ctx.image_root, base_dir) if r]
+        found = [os.path.join(r, cell) for r in roots if os.path.exists(os.path.join(r, cell))]
+        if not found:
+            raise ctx.error(
+                f"image {cell!r} not found under {roots or 'any folder'}; set the source's image_root "
+                "to the folder the benchmark's image archive was extracted to"
+            )
+        cell = found[0]
+    try:
+        return load_image(cell, f"{ctx.benchmark} row {ctx.index}")
+    except ImageError as e:
+        raise BenchmarkFormatError(str(e)) from e
 
 
 _MMMU_PLACEHOLDER = re.compile(r"<image ?(\d+)>")
@@ -234,35 +222,37 @@ def _numbered_images(row: Mapping, text: str, ctx: ReadContext) -> tuple:
 # ----------------------------------------------------------------------------- readers
 
 
+def _from_source_format(fmt, row: Mapping, ctx: ReadContext):
+    """An `Example` through one of the data pipeline's readers (`xr_jax.data.sources`), errors renamed."""
+    from xr_jax.data.sources import BadRow
+
+    try:
+        return fmt.to_example({k: v for k, v in row.items() if k != "_base_dir"}, f"{ctx.benchmark}:{ctx.index}")
+    except BadRow as e:
+        raise ctx.error(str(e)) from None
+
+
 def read_gsm8k(row: Mapping, ctx: ReadContext) -> BenchmarkItem:
-    solution = _text(row, "answer", ctx)
-    if "####" not in solution:
-        raise ctx.error("field 'answer' has no '#### <final answer>'")
-    final = solution.rsplit("####", 1)[1].strip().replace(",", "")
-    if not final:
-        raise ctx.error("nothing after '####' in 'answer'")
-    return BenchmarkItem(ctx.benchmark, _row_id(row, ctx), _text(row, "question", ctx), (final,), "math")
+    """GSM8K through the data pipeline's reader; thousands separators are dropped from the final answer."""
+    from xr_jax.data.sources import gsm8k_format
+
+    ex = _from_source_format(gsm8k_format(), row, ctx)
+    return BenchmarkItem(ctx.benchmark, ex.id, ex.question, (ex.answer.replace(",", ""),), "math")
 
 
 def read_orz_eval(row: Mapping, ctx: ReadContext) -> BenchmarkItem:
-    if "prompt" in row:
-        turns = _get(row, "prompt", ctx, list)
-        if not turns or not isinstance(turns[0], Mapping):
-            raise ctx.error("field 'prompt' should be a non-empty list of {from, value} turns")
-        question = _text(turns[0], "value", ctx)
-        answer = _text(row, "final_answer", ctx).strip()
-    else:  # HuggingFaceH4/MATH-500
-        question, answer = _text(row, "problem", ctx), _text(row, "answer", ctx).strip()
-    choices = row.get("choices")
-    if choices:
-        if not isinstance(choices, Mapping):
-            raise ctx.error("field 'choices' should map letters to option texts")
-        choices = {str(k): str(v) for k, v in choices.items() if v is not None}
+    """ORZ eval files through the data pipeline's reader; HuggingFaceH4/MATH-500's `{problem, answer}` too."""
+    from xr_jax.data.sources import orz_eval_format
+
+    if "prompt" not in row and "problem" in row:
+        rid = _row_id(row, ctx, "unique_id")
+        return BenchmarkItem(ctx.benchmark, rid, _text(row, "problem", ctx), (_text(row, "answer", ctx).strip(),), "math")
+    ex = _from_source_format(orz_eval_format(), row, ctx)
+    if ex.choices:
         # The ORZ GPQA prompt already lists the options as "A. ..." lines.
-        return BenchmarkItem(ctx.benchmark, _row_id(row, ctx, "unique_id"), question,
-                             (_letter(answer, choices, ctx, "final_answer"),), "multiple_choice", choices,
-                             show_options=False)
-    return BenchmarkItem(ctx.benchmark, _row_id(row, ctx, "unique_id"), question, (answer,), "math")
+        return BenchmarkItem(ctx.benchmark, ex.id, ex.question, (_letter(ex.answer, ex.choices, ctx, "final_answer"),),
+                             "multiple_choice", ex.choices, show_options=False)
+    return BenchmarkItem(ctx.benchmark, ex.id, ex.question, (ex.answer,), "math")
 
 
 def read_mmlu_pro(row: Mapping, ctx: ReadContext) -> BenchmarkItem:
