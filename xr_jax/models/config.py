@@ -162,3 +162,28 @@ def tiny_vl_config(**changes) -> ModelConfig:
         image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63,
     )
     return cfg.replace(**changes)
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    """JSON-ready dict (saved next to every xr_jax checkpoint)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    """Inverse of `config_to_dict`; unknown keys fail, naming the key."""
+
+    def build(cls, values):
+        if values is None:
+            return None
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown model config key(s) for {cls.__name__}: {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    d = dict(d)
+    text = build(TextConfig, d.pop("text", {}))
+    vision = build(VisionConfig, d.pop("vision", None))
+    cfg = build(ModelConfig, d).replace(text=text, vision=vision)
+    cfg.validate()
+    return cfg

@@ -46,6 +46,25 @@ class Dense(nn.Module):
         return y
 
 
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); biases only in the vision tower's variant."""
+
+    hidden: int
+    intermediate: int
+    axes: tuple[str, str] = ("embed", "mlp")
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda f, axes, name: Dense(f, axes, self.use_bias, self.dtype, self.param_dtype, name=name)  # noqa: E731
+        g = dense(self.intermediate, self.axes, "gate_proj")(x)
+        u = dense(self.intermediate, self.axes, "up_proj")(x)
+        h = nn.with_logical_constraint(jax.nn.silu(g) * u, ("act_batch", "act_length", "act_" + self.axes[1]))
+        return dense(self.hidden, self.axes[::-1], "down_proj")(h)
+
+
 class RMSNorm(nn.Module):
     """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, *then* scale.
 

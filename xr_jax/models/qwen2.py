@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xr_jax.models.config import ModelConfig, TextConfig
-from xr_jax.models.layers import Dense, RMSNorm, apply_rotary, as_dtype, remat_policy
+from xr_jax.models.layers import MLP, Dense, RMSNorm, apply_rotary, as_dtype, remat_policy
 
 Cache = dict[str, Any]
 
@@ -100,25 +100,6 @@ class Attention(nn.Module):
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         out = Dense(tc.hidden_size, ("heads", "embed"), False, dtype, pdt, name="o_proj")(out.reshape(b, t, -1))
         return out, new_kv
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); biases only in the vision tower's variant."""
-
-    hidden: int
-    intermediate: int
-    axes: tuple[str, str] = ("embed", "mlp")
-    use_bias: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        dense = lambda f, axes, name: Dense(f, axes, self.use_bias, self.dtype, self.param_dtype, name=name)  # noqa: E731
-        g = dense(self.intermediate, self.axes, "gate_proj")(x)
-        u = dense(self.intermediate, self.axes, "up_proj")(x)
-        h = nn.with_logical_constraint(jax.nn.silu(g) * u, ("act_batch", "act_length", "act_" + self.axes[1]))
-        return dense(self.hidden, self.axes[::-1], "down_proj")(h)
 
 
 class DecoderLayer(nn.Module):

@@ -30,7 +30,7 @@ import numpy as np
 
 from xr_jax.models import hf_tree, naming
 from xr_jax.models.config import VisionConfig
-from xr_jax.models.layers import RMSNorm, remat_policy
+from xr_jax.models.layers import MLP, RMSNorm, remat_policy
 
 PADDING_SEGMENT = -1
 
@@ -255,21 +255,6 @@ class VisionAttention(nn.Module):
         return _dense(cfg.hidden_size, ("vision_heads", "vision_embed"), self.dtype, self.param_dtype, "proj")(out)
 
 
-class VisionMLP(nn.Module):
-    """SwiGLU with biases: down(silu(gate(x)) * up(x))."""
-
-    cfg: VisionConfig
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x):
-        cfg, dt, pdt = self.cfg, self.dtype, self.param_dtype
-        gate = _dense(cfg.intermediate_size, ("vision_embed", "vision_mlp"), dt, pdt, "gate_proj")(x)
-        up = _dense(cfg.intermediate_size, ("vision_embed", "vision_mlp"), dt, pdt, "up_proj")(x)
-        return _dense(cfg.hidden_size, ("vision_mlp", "vision_embed"), dt, pdt, "down_proj")(nn.silu(gate) * up)
-
-
 class VisionBlock(nn.Module):
     """One pre-norm block; `is_full` (traced bool) picks full or window attention via `lax.cond`."""
 
@@ -282,7 +267,9 @@ class VisionBlock(nn.Module):
         cfg, dt, pdt = self.cfg, self.dtype, self.param_dtype
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, "vision_embed", dt, pdt, name=name)  # noqa: E731
         x = x + VisionAttention(cfg, dt, pdt, name="attn")(norm("norm1")(x), is_full, cos, sin, layout)
-        x = x + VisionMLP(cfg, dt, pdt, name="mlp")(norm("norm2")(x))
+        x = x + MLP(cfg.hidden_size, cfg.intermediate_size, ("vision_embed", "vision_mlp"), True, dt, pdt, name="mlp")(
+            norm("norm2")(x)
+        )
         return x, None
 
 
