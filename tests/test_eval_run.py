@@ -1,10 +1,13 @@
 """End to end on fixtures: prompts, tables, predictions JSONL, and re-scoring without regenerating.
 
-The model here is a scripted generator (injected responses); see test_eval_model.py for the tiny real model.
+The model here is a scripted generator (injected responses), scored by the real reward functions; see
+test_eval_model.py for the tiny real model behind the real sampler.
 """
 
 import json
 import os
+
+import pytest
 
 from tests import eval_fixtures as fx
 from tests.eval_fakes import ScriptedGenerator, gen, tag_scorer
@@ -13,6 +16,13 @@ from xr_jax import evaluation as ev
 from xr_jax.data import templates
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    s = ev.RewardScorer(num_workers=1, timeout=20.0)
+    yield s
+    s.close()
 
 
 def suite(tmp_path, **kw):
@@ -47,10 +57,10 @@ def test_prompts_follow_the_papers_templates(tmp_path):
     assert p.text.startswith("A conversation between") and p.images == open_q.images
 
 
-def test_end_to_end_tables_jsonl_and_rescore(tmp_path):
+def test_end_to_end_tables_jsonl_and_rescore(tmp_path, scorer):
     cfg = suite(tmp_path)
     generator = ScriptedGenerator(respond=answers)
-    metrics = ev.evaluate(cfg, generator, tag_scorer, progress=False, info={"model": "scripted"})
+    metrics = ev.evaluate(cfg, generator, scorer, progress=False, info={"model": "scripted"})
     assert {n: (m.n, round(m.avg, 2)) for n, m in metrics.items()} == {
         "gsm8k": (3, 66.67), "gpqa_diamond": (3, 66.67), "mmmu_val": (3, 66.67)}
     assert metrics["mmmu_val"].n_unparsable == 1
@@ -76,9 +86,37 @@ def test_end_to_end_tables_jsonl_and_rescore(tmp_path):
     # Re-scoring the saved predictions reproduces every number, with and without scoring again.
     path = os.path.join(out, "predictions.jsonl")
     assert ev.rescore(path) == metrics
-    assert ev.rescore(path, tag_scorer, out_dir=str(tmp_path / "rescored")) == metrics
+    assert ev.rescore(path, scorer, out_dir=str(tmp_path / "rescored")) == metrics
     assert open(tmp_path / "rescored" / "results.md").read() == md
 
     # A different scorer changes the numbers without regenerating.
     strict = lambda reqs: [ev.Scored(s.answer, s.key, False) for s in tag_scorer(reqs)]  # noqa: E731
     assert all(m.avg == 0.0 for m in ev.rescore(path, strict).values())
+    assert ev.rescore(path, tag_scorer) == metrics  # a second scorer that agrees gives the same numbers
+
+
+def test_reward_scorer_on_real_answers(scorer):
+    """The real scorer (reward functions in their worker pool): numeric GSM8K answers with separators, LaTeX
+    MATH500 answers, option letter or option text for multiple choice, several accepted MMMU answers."""
+    (gsm,) = bm.load_benchmark("gsm8k", os.path.join(FIXTURES, "gsm8k_test.jsonl"), limit=1)  # gold 18
+    math500 = bm.load_benchmark("math500", os.path.join(FIXTURES, "math500.json"))[2]  # gold \frac{14}{3}
+    (gpqa, *_) = bm.load_benchmark("gpqa_diamond", os.path.join(FIXTURES, "gpqa_diamond.json"))  # D = "c"
+    medqa = bm.BenchmarkItem("medqa_4op", "m:1", "q", ("B",), "multiple_choice", {"A": "Radial", "B": "Ulnar nerve"})
+    mmmu_open = bm.BenchmarkItem("mmmu_val", "o:1", "q", ("3.5", "7/2"), "math")
+    cases = [
+        (gsm, "<think>16-3-4=9, 9*2</think><answer>$18</answer>", True, "18"),
+        (gsm, "<think>...</think><answer>18.5</answer>", False, "18.5"),
+        (math500, "<think>...</think><answer>\\dfrac{14}{3}</answer>", True, "\\frac{14}{3}"),
+        (math500, "I think it is 14/3", False, None),  # no answer span: unparsable, wrong
+        (gpqa, "<think>...</think> <answer>D</answer>", True, "D"),
+        (gpqa, "<answer>B: a</answer>", False, "B"),
+        (medqa, "<answer>Ulnar nerve</answer>", True, "B"),  # the option's text picks its letter
+        (medqa, "<answer>The answer is B</answer>", False, None),
+        (mmmu_open, "<answer>7/2</answer>", True, "7/2"),
+    ]
+    records = [ev.Record(it.benchmark, it.id, i, it.kind, it.answers, it.choices, "", resp, 5, "eos", False)
+               for i, (it, resp, _, _) in enumerate(cases)]
+    scored = ev.score_records(records, scorer)
+    assert [r.correct for r in scored] == [c[2] for c in cases]
+    assert [r.key for r in scored] == [c[3] for c in cases]
+    assert scored[3].answer is None and scored[7].answer == "The answer is B"
