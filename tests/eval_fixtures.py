@@ -83,10 +83,12 @@ def write_mmmu_pro(root: str) -> str:
     ten = str([f"opt{i}" for i in range(10)])
     _parquet(os.path.join(d, "standard (10 options)", "test-00000-of-00001.parquet"), [
         {**_mmmu_row("pro_1", "Which drug is in <image 1>?", ten, "J", [RED]), "subject": "Pharmacy"},
-        {**_mmmu_row("pro_2", "Which bridge is in <image 1>?", ten, "C", [BLUE]), "subject": "Architecture_and_Engineering"},
+        {**_mmmu_row("pro_2", "Which bridge is in <image 1>?", ten, "C", [BLUE]),
+         "subject": "Architecture_and_Engineering"},
     ], MMMU_IMAGE_COLUMNS)
     _parquet(os.path.join(d, "vision", "test-00000-of-00001.parquet"), [
-        {"id": "pro_1", "image": png(GREEN), "options": str(["a", "b", "c", "d"]), "answer": "D", "subject": "Pharmacy"},
+        {"id": "pro_1", "image": png(GREEN), "options": str(["a", "b", "c", "d"]), "answer": "D",
+         "subject": "Pharmacy"},
     ], ["image"])
     return d
 
@@ -121,7 +123,8 @@ def write_mathvision(root: str) -> str:
          "image": "images/1.jpg", "decoded_image": png(YELLOW), "answer": "B", "solution": None, "level": 2,
          "subject": "counting"},
         {"id": "2", "question": "<image1>\nWhat is the area?", "options": [], "image": "images/2.jpg",
-         "decoded_image": png(GREEN), "answer": "12", "solution": None, "level": 3, "subject": "metric geometry - area"},
+         "decoded_image": png(GREEN), "answer": "12", "solution": None, "level": 3,
+         "subject": "metric geometry - area"},
     ], ["decoded_image"], ["options"])
     return d
 
@@ -161,7 +164,8 @@ def write_medqa(root: str) -> tuple[str, str]:
     """jind11/MedQA `US/test.jsonl` (5 options) and GBaker's 4-option `phrases_no_exclude_test.jsonl`."""
     five = _jsonl(os.path.join(root, "medqa", "US", "test.jsonl"), [
         medqa_row("A 23-year-old woman has a fever. Which drug?",
-                  {"A": "Ampicillin", "B": "Ceftriaxone", "C": "Doxycycline", "D": "Nitrofurantoin", "E": "Ciprofloxacin"}, "D"),
+                  {"A": "Ampicillin", "B": "Ceftriaxone", "C": "Doxycycline", "D": "Nitrofurantoin",
+                   "E": "Ciprofloxacin"}, "D"),
     ])
     four_dir = os.path.join(root, "medqa_4op")
     _jsonl(os.path.join(four_dir, "phrases_no_exclude_test.jsonl"), [
@@ -183,7 +187,8 @@ def write_medxpertqa(root: str) -> tuple[str, str]:
     options = {"A": "Erythema infectiosum", "B": "Cutaneous larva migrans", "C": "Cold agglutinin disease",
                "D": "Cutis marmorata", "E": "Erythema ab igne"}
     row = {"id": "MM-1", "question": "What is the most probable diagnosis?\nAnswer Choices: (A) Erythema "
-           "infectiosum (B) Cutaneous larva migrans (C) Cold agglutinin disease (D) Cutis marmorata (E) Erythema ab igne",
+           "infectiosum (B) Cutaneous larva migrans (C) Cold agglutinin disease (D) Cutis marmorata "
+           "(E) Erythema ab igne",
            "options": options, "label": "C", "images": ["MM-1-a.jpeg", "MM-1-b.jpeg"], "medical_task": "Diagnosis",
            "body_system": "Integumentary", "question_type": "Reasoning"}
     _jsonl(os.path.join(d, "MM", "test.jsonl"), [row])
@@ -199,10 +204,12 @@ def write_omnimedvqa(root: str) -> str:
     _save_png(os.path.join(d, "Images", "Chest CT Scan", "test", "a.png"), BLUE)
     _save_png(os.path.join(d, "Images", "Fundus", "b.png"), YELLOW)
     with open(os.path.join(qa, "Chest CT Scan.json"), "w") as f:
-        json.dump([{"dataset": "Chest CT Scan", "question_id": "Chest CT Scan_0001", "question_type": "Disease Diagnosis",
+        json.dump([{"dataset": "Chest CT Scan", "question_id": "Chest CT Scan_0001",
+                    "question_type": "Disease Diagnosis",
                     "question": "What abnormality is seen?", "gt_answer": "Adenocarcinoma",
                     "image_path": "Images/Chest CT Scan/test/a.png", "option_A": "Normal",
-                    "option_B": "Adenocarcinoma", "option_C": "Squamous cell carcinoma", "option_D": "Large cell carcinoma",
+                    "option_B": "Adenocarcinoma", "option_C": "Squamous cell carcinoma",
+                    "option_D": "Large cell carcinoma",
                     "modality_type": "CT(Computed Tomography)"}], f)
     with open(os.path.join(qa, "Fundus.json"), "w") as f:
         json.dump([{"dataset": "Fundus", "question_id": "Fundus_0001", "question_type": "Modality Recognition",
@@ -217,6 +224,7 @@ def write_nejm(root: str) -> str:
     _save_png(os.path.join(d, "images", "1.png"), GREEN)
     return _jsonl(os.path.join(d, "nejm.jsonl"), [
         {"id": "2023-05-04", "question": "A 54-year-old man presents with this rash. What is the diagnosis?",
-         "options": {"A": "Psoriasis", "B": "Tinea corporis", "C": "Lichen planus", "D": "Eczema", "E": "Pityriasis rosea"},
+         "options": {"A": "Psoriasis", "B": "Tinea corporis", "C": "Lichen planus", "D": "Eczema",
+                     "E": "Pityriasis rosea"},
          "answer": "Lichen planus", "image_path": "images/1.png"},
     ])

@@ -29,7 +29,8 @@ def test_sampling_metrics_by_hand(tmp_path):
         # correct 3/5, majority A (3 votes) -> right, one unparsable
         "medqa_4op:1": [gen("A", 10), gen("A", 20), gen("B", 30), gen(None, 40), gen("A", 50)],
         # correct 1/5, majority B -> wrong, two unparsable (cut by forced exit, then no answer)
-        "medqa_4op:2": [gen("B"), gen("B"), gen("C"), gen(None, 100, "forced_exit", True), gen(None, 100, "forced_exit", True)],
+        "medqa_4op:2": [gen("B"), gen("B"), gen("C"), gen(None, 100, "forced_exit", True),
+                        gen(None, 100, "forced_exit", True)],
         # nothing parsable: every sample ran out of tokens after forced exit -> endless
         "medqa_4op:3": [gen(None, 4096, "length", True) for _ in range(5)],
         # tie A/B (2 votes each): the answer seen first (B) wins -> wrong; pass@5 right

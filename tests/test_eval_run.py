@@ -43,7 +43,8 @@ def answers(prompt, budget):
 
 def test_prompts_follow_the_papers_templates(tmp_path):
     cfg = suite(tmp_path)
-    medqa = bm.BenchmarkItem("medqa_4op", "m:1", "Which nerve?", ("B",), "multiple_choice", {"A": "Radial", "B": "Ulnar"})
+    medqa = bm.BenchmarkItem("medqa_4op", "m:1", "Which nerve?", ("B",), "multiple_choice",
+                             {"A": "Radial", "B": "Ulnar"})
     p = ev.render_prompt(medqa, cfg)
     assert p.text == templates.X_REASONER_EVAL_MC.text.replace("{{ question }}", "Which nerve?") + \
         "\n\nOptions:\n\nA: Radial\nB: Ulnar"
@@ -120,3 +121,17 @@ def test_reward_scorer_on_real_answers(scorer):
     assert [r.correct for r in scored] == [c[2] for c in cases]
     assert [r.key for r in scored] == [c[3] for c in cases]
     assert scored[3].answer is None and scored[7].answer == "The answer is B"
+
+
+def test_main_rescores_a_predictions_file_without_a_model(tmp_path, scorer, capsys):
+    import types
+
+    cfg = suite(tmp_path)
+    metrics = ev.evaluate(cfg, ScriptedGenerator(respond=answers), scorer, progress=False)
+    config = types.SimpleNamespace(eval=ev.EvalSection(
+        rescore=os.path.join(cfg.output_dir, "predictions.jsonl"), output_dir=str(tmp_path / "rescored"),
+        score_workers=1))
+    assert ev.main(config) == metrics
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split()[:3] == ["benchmark", "n", "acc"] and "mmmu_val" in printed
+    assert os.path.exists(tmp_path / "rescored" / "results.md")

@@ -246,7 +246,8 @@ def read_orz_eval(row: Mapping, ctx: ReadContext) -> BenchmarkItem:
 
     if "prompt" not in row and "problem" in row:
         rid = _row_id(row, ctx, "unique_id")
-        return BenchmarkItem(ctx.benchmark, rid, _text(row, "problem", ctx), (_text(row, "answer", ctx).strip(),), "math")
+        answer = _text(row, "answer", ctx).strip()
+        return BenchmarkItem(ctx.benchmark, rid, _text(row, "problem", ctx), (answer,), "math")
     ex = _from_source_format(orz_eval_format(), row, ctx)
     if ex.choices:
         # The ORZ GPQA prompt already lists the options as "A. ..." lines.

@@ -252,11 +252,13 @@ def generate_records(
             seed=cfg.seed + start, **budget,
         )
         if len(outs) != len(batch) or any(len(o) != cfg.k for o in outs):
-            raise RuntimeError(f"generator returned {[len(o) for o in outs]} samples for {len(batch)} prompts x {cfg.k}")
+            raise RuntimeError(
+                f"generator returned {[len(o) for o in outs]} samples for {len(batch)} prompts x {cfg.k}")
         for item, prompt, gens in zip(items[start:start + cfg.batch_size], batch, outs):
             for s, g in enumerate(gens):
                 if g.num_tokens > cfg.max_tokens:
-                    raise RuntimeError(f"{item.id}: response of {g.num_tokens} tokens exceeds eval.max_tokens {cfg.max_tokens}")
+                    raise RuntimeError(
+                        f"{item.id}: response of {g.num_tokens} tokens exceeds eval.max_tokens {cfg.max_tokens}")
                 if g.finish_reason not in FINISH_REASONS:
                     raise RuntimeError(f"{item.id}: unknown finish reason {g.finish_reason!r}")
                 records.append(Record(
@@ -423,7 +425,10 @@ def format_table(metrics: dict[str, BenchmarkMetrics], markdown: bool = True) ->
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def fmt(cells):
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
 
 
