@@ -325,3 +325,6 @@ def test_bad_inputs_have_clear_errors(params):
     with pytest.raises(ValueError, match="top_p"):
         Sampler(CFG, SamplingConfig(top_p=0.0))
     assert FINISH_NAMES == ("eos", "forced_exit", "length")
+    half = sampling.cast_params(params, jnp.bfloat16)  # the optional bf16 copy of training params
+    assert half["lm_head"]["kernel"].dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(half))
