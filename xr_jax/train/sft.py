@@ -63,24 +63,28 @@ def split_microbatches(batch: dict, n: int, mesh: Mesh | None = None) -> dict:
 
 
 def compute_grads(loss_fn, params, batch: dict, microbatches: int = 1, mesh: Mesh | None = None, grad_shardings=None):
-    """(grads, ce_sum, z_sum, count) of `loss_fn` over the batch, accumulated over microbatches in a scan."""
+    """(grads, aux, count) of `loss_fn(params, batch, count) -> (objective, aux)`, accumulated over
+    microbatches in a scan; `aux` (any pytree of sums) is summed too. `count` = loss tokens of the whole batch."""
     count = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if microbatches == 1:
-        grads, (ce, z) = grad_fn(params, batch, count)
-        return grads, ce, z, count
+        grads, aux = grad_fn(params, batch, count)
+        return grads, aux, count
+
+    add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)  # noqa: E731
 
     def body(carry, mb):
-        acc, ce_acc, z_acc = carry
-        g, (ce, z) = grad_fn(params, mb, count)
-        return (jax.tree_util.tree_map(jnp.add, acc, g), ce_acc + ce, z_acc + z), None
+        g, aux = grad_fn(params, mb, count)
+        return add(carry, (g, aux)), None
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     if grad_shardings is not None:
         zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, ce, z), _ = jax.lax.scan(body, init, split_microbatches(batch, microbatches, mesh))
-    return grads, ce, z, count
+    mbs = split_microbatches(batch, microbatches, mesh)
+    aux_zeros = jax.tree_util.tree_map(
+        jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], mbs), count)[1]))
+    (grads, aux), _ = jax.lax.scan(body, (zeros, aux_zeros), mbs)
+    return grads, aux, count
 
 
 def _schedule_count(opt_state) -> jax.Array:
@@ -103,7 +107,7 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict):
         batch = {k: batch[k] for k in BATCH_KEYS}
-        grads, ce, z, count = compute_grads(
+        grads, (ce, z), count = compute_grads(
             loss_fn, state.params, batch, microbatches, mesh, None if shardings is None else shardings.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
