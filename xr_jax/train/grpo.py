@@ -81,7 +81,7 @@ def make_update_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, s
         loss, m = grpo_loss(
             logp, rows["old_logp"], rows["adv"], mask, lcfg,
             ref_logp=rows["ref_logp"] if lcfg.kl_coef > 0 else None, entropy=entropy,
-            global_tokens=count, global_seqs=rows["num_seqs"][0],
+            **({"global_tokens": count} if lcfg.agg == "token-mean" else {"global_seqs": rows["num_seqs"][0]}),
         )
         n = jnp.sum(mask)
         weighted = {k: v * n for k, v in m.items() if k not in ("ratio_min", "ratio_max", "num_loss_tokens")}
@@ -312,6 +312,10 @@ def load_prompts(config, tokenizer):
 def check_layout(config, mesh: Mesh) -> None:
     g, tr = config.grpo, config.train
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tr.batch_size % dp:
+        raise parallel.MeshError(
+            f"train.batch_size {tr.batch_size} prompts do not split over data x fsdp = {dp} devices (prompts are "
+            f"prefilled sharded); use a multiple of {dp} or change mesh.shape")
     rows = tr.batch_size * g.group_size
     if rows % g.minibatches:
         raise parallel.MeshError(
@@ -329,12 +333,15 @@ def main(config) -> dict:
     from xr_jax.config import to_dict
     from xr_jax.models.qwen2_5_vl import init_params
     from xr_jax.train import loop, state as state_lib
-    from xr_jax.train.sft import build_model, load_tokenizer
+    from xr_jax.data.tokenizer import load_tokenizer
+    from xr_jax.train.sft import build_model
 
     d = config.distributed
     parallel.initialize_distributed(d.initialize, d.coordinator, d.num_processes, d.process_id)
     mesh = parallel.make_mesh(config.mesh.shape)
-    tokenizer = load_tokenizer(config)
+    if config.data.tokenizer is None and config.model.path is None:
+        raise ValueError("GRPO needs a tokenizer: set data.tokenizer ('qwen2.5', 'tiny' or a checkpoint dir) or model.path")
+    tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
     model_cfg, loaded = build_model(config, mesh, tokenizer.vocab_size)
     parallel.check_model_fits_mesh(model_cfg, mesh)
     check_layout(config, mesh)
