@@ -14,6 +14,8 @@ import types
 import typing
 from typing import Any, Optional, Sequence, Union
 
+from xr_jax.data.synthetic import SyntheticConfig
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the typed tree; the message names the dotted key."""
@@ -46,11 +48,13 @@ class MeshSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    """source: "random" (built-in deterministic token batches, for smoke tests and benches) or a dataset
-    name/path read by the data pipeline. pack: first-fit packing of examples into rows."""
+    """source: "random" (built-in deterministic token batches, for smoke tests and benches), "synthetic" (the
+    built-in arithmetic task, `synthetic` sets it up) or a `sources` format name read from `path`. pack:
+    first-fit packing of examples into rows (text only)."""
 
     source: str = "random"
     path: Optional[str] = None
+    synthetic: SyntheticConfig = SyntheticConfig()
     split: str = "train"
     pack: bool = True
     shuffle: bool = True
@@ -87,7 +91,8 @@ class TrainSection:
     trains on text only; the vision tower then gets no gradient and no optimizer state. loss_chunk:
     tokens per chunk of the chunked cross-entropy. nan_patience: stop (with a checkpoint) after this many
     non-finite steps in a row. peak_flops: per-device peak FLOP/s for MFU (None: a per-backend default,
-    an estimate on CPU)."""
+    an estimate on CPU). export_dir: write the final params there as an xr_jax model checkpoint (usable as
+    the next stage's `model.path`, by `xr-jax sample` and by `xr-jax convert --from`)."""
 
     steps: Optional[int] = None
     epochs: Optional[int] = None
@@ -101,6 +106,7 @@ class TrainSection:
     loss_chunk: int = 1024
     nan_patience: int = 5
     peak_flops: Optional[float] = None
+    export_dir: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +150,7 @@ class GRPOSection:
     (paper: 128); each gets `group_size` samples (paper: 8). Defaults are the paper's where it gives them
     (reference/x_reasoner_recipe.md §4) and the project's documented choices elsewhere.
 
-    data: a `sources` format ("orz_math", "orz_eval", "gsm8k", "synthetic") read from `data.path`.
+    The prompts come from `data.source` / `data.path` (e.g. "orz_math", or "synthetic").
     max_prompt_len / max_new_tokens: prompt budget (longer prompts are dropped and counted) and response
       length (paper: 4096). forced_exit: use the thinking budget `max_think` + `max_answer` in rollouts
       (paper: off in RL); mask_forced: keep forced-exit tokens out of the loss.
@@ -158,7 +164,6 @@ class GRPOSection:
     sampler_dtype: sample with a copy of the params in this dtype (None: the params as they are).
     """
 
-    data: str = "orz_math"
     group_size: int = 8
     temperature: float = 1.0
     max_prompt_len: int = 1024

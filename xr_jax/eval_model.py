@@ -110,7 +110,7 @@ class ModelGenerator:
             raise ValueError("set model.path to the checkpoint directory to evaluate")
         mesh = parallel.make_mesh(tuple(config.mesh.shape))
         runtime = {k: getattr(m, k) for k in ("scan_layers", "remat", "attention") if hasattr(m, k)}
-        model_cfg, params = convert.load_any(m.path, mesh, dtype=getattr(m, "param_dtype", None), **runtime)
+        model_cfg, params = convert.load_any(m.path, mesh, cast=getattr(m, "param_dtype", None), **runtime)
         if hasattr(m, "dtype"):
             model_cfg = model_cfg.replace(dtype=m.dtype)
         assets = os.path.join(m.path, convert.ASSETS_DIR)

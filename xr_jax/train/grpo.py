@@ -292,21 +292,15 @@ class GRPOTrainer:
 
 
 def load_prompts(config, tokenizer):
-    """The RL prompt iterator (grain; state saved in checkpoints) for `grpo.data`."""
-    from xr_jax.data import pipeline, sources
-    from xr_jax.data.synthetic import SyntheticConfig, synthetic_source
+    """The RL prompt iterator (grain; its state is saved in checkpoints) for `data.source`."""
+    from xr_jax.data import pipeline
+    from xr_jax.train.sft import make_source
 
     g, d = config.grpo, config.data
-    if g.data == "synthetic":
-        source = synthetic_source(SyntheticConfig(seed=config.train.seed))
-    else:
-        if d.path is None:
-            raise ValueError(f"grpo.data {g.data!r} needs data.path (a file, directory or hub id)")
-        source = sources.load_source(d.path, g.data, split=d.split)
     pcfg = pipeline.PromptBatchConfig(
         batch_size=config.train.batch_size, max_prompt_len=g.max_prompt_len, seed=config.train.seed,
         shuffle=d.shuffle, prompt=pipeline.PromptConfig(template=g.prompt_template))
-    return iter(pipeline.rl_pipeline(source, tokenizer, pcfg))
+    return iter(pipeline.rl_pipeline(make_source(config), tokenizer, pcfg))
 
 
 def check_layout(config, mesh: Mesh) -> None:
@@ -334,7 +328,7 @@ def main(config) -> dict:
     from xr_jax.models.qwen2_5_vl import init_params
     from xr_jax.train import loop, state as state_lib
     from xr_jax.data.tokenizer import load_tokenizer
-    from xr_jax.train.sft import build_model
+    from xr_jax.train.sft import build_model, export_final
 
     d = config.distributed
     parallel.initialize_distributed(d.initialize, d.coordinator, d.num_processes, d.process_id)
@@ -389,4 +383,5 @@ def main(config) -> dict:
         logger.close()
         if checkpointer is not None:
             checkpointer.close()
+    export_final(config, model_cfg, result.state.params)
     return result.last or {}

@@ -163,7 +163,7 @@ def build_model(config, mesh: Mesh, vocab_size: int | None = None):
     if m.path is not None:
         from xr_jax import convert
 
-        return convert.load_any(m.path, mesh=mesh, dtype=m.param_dtype, **runtime)
+        return convert.load_any(m.path, mesh=mesh, cast=m.param_dtype, **runtime)
     cfg = presets.preset(m.preset, **runtime)
     vocab = m.vocab_size or vocab_size
     if vocab is not None:
@@ -191,17 +191,37 @@ def make_batches(config, model_cfg: ModelConfig, tokenizer=None):
 
         return RandomTokenBatches(tr.batch_size, tr.seq_len, model_cfg.text.vocab_size, seed=tr.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count())
-    from xr_jax.data import pipeline, sources
+    from xr_jax.data import pipeline
 
-    if d.path is None:
-        raise ValueError(f"data.source {d.source!r} needs data.path (a file, directory or hub id)")
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
                          f"{model_cfg.text.vocab_size}; use a matching tokenizer or set model.vocab_size")
-    source = sources.load_source(d.path, d.source, split=d.split)
+    source = make_source(config)
     data_cfg = pipeline.SFTConfig(max_len=tr.seq_len, batch_size=tr.batch_size, pack=d.pack, seed=tr.seed,
                                   shuffle=d.shuffle, num_epochs=None)
     return iter(pipeline.sft_pipeline(source, tokenizer, data_cfg))
+
+
+def export_final(config, model_cfg: ModelConfig, params) -> None:
+    """Save the final params as an xr_jax model checkpoint when `train.export_dir` is set."""
+    if config.train.export_dir is not None:
+        from xr_jax import convert
+
+        assets = config.model.path if config.model.path and not convert.is_model_checkpoint(config.model.path) else None
+        convert.save_model(config.train.export_dir, model_cfg, params, assets_from=assets)
+
+
+def make_source(config):
+    """The examples named by `data.source`: the synthetic task, or a `sources` format read from `data.path`."""
+    from xr_jax.data import sources
+    from xr_jax.data.synthetic import synthetic_source
+
+    d = config.data
+    if d.source == "synthetic":
+        return synthetic_source(d.synthetic)
+    if d.path is None:
+        raise ValueError(f"data.source {d.source!r} needs data.path (a file, directory or hub id)")
+    return sources.load_source(d.path, d.source, split=d.split)
 
 
 def main(config) -> dict:
@@ -266,4 +286,5 @@ def main(config) -> dict:
         logger.close()
         if checkpointer is not None:
             checkpointer.close()
+    export_final(config, model_cfg, result.state.params)
     return result.last or {}
