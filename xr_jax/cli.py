@@ -126,6 +126,8 @@ def _sample(args: argparse.Namespace) -> None:
         raise cs.ChatError("--max-answer needs --max-think (forced exit)")
     if args.greedy and args.top_p != 1.0:
         raise cs.ChatError("--top-p has no effect with --greedy")
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise cs.ChatError(f"--num-samples ({args.num_samples}) and --batch-size ({args.batch_size}) must be >= 1")
     chats = cs.read_chats(args.messages) if args.messages else [cs.prompt_chat(args.prompt, args.image)]
     tokenizer = cs.load_tokenizer_for(args.model, args.tokenizer)
     sampler, params = _build_sampler(args, tokenizer)
@@ -175,8 +177,6 @@ def _build_sampler(args: argparse.Namespace, tokenizer):
         forced = None
         if args.max_think is not None:
             forced = ForcedExit.build(tokenizer.encode(FORCED_TEXT), token_byte_table(tokenizer, vocab), vocab)
-        if args.num_samples < 1 or args.batch_size < 1:
-            raise ValueError(f"--num-samples ({args.num_samples}) and --batch-size ({args.batch_size}) must be >= 1")
         return Sampler(cfg, scfg, forced), params
     except ValueError as e:  # bad decoding options, or a tokenizer whose ids do not fit the model
         raise cs.ChatError(str(e)) from None
@@ -228,8 +228,8 @@ def _eval(args: argparse.Namespace) -> None:
         config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, rescore=args.rescore))
     try:
         config.eval.validate()
-    except ValueError as e:
-        raise config_lib.ConfigError(str(e)) from None
+    except (ValueError, KeyError) as e:  # bad eval values; KeyError: an unknown benchmark name
+        raise config_lib.ConfigError(e.args[0] if e.args else str(e)) from None
     if config.eval.rescore is not None:
         if not os.path.isfile(config.eval.rescore):
             raise FileNotFoundError(f"predictions file {config.eval.rescore!r} does not exist")
