@@ -139,7 +139,8 @@ def test_sampling_forced_exit_checkpoint_and_tokenizer_flag(tiny, tmp_path, caps
 ])
 def test_user_errors_exit_2_with_one_line(tiny, tmp_path, capsys, case, message):
     files = {"bad": '{"messages": [{"role": "user", "content": "hi"}]}\n{oops\n', "no_messages": '{"prompt": "hi"}\n',
-             "missing_image": json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "image": "no.png"}]}]})}
+             "missing_image": json.dumps({"messages": [
+                 {"role": "user", "content": [{"type": "image", "image": "no.png"}]}]})}
     for name, text in files.items():
         (tmp_path / f"{name}.jsonl").write_text(text)
     base = ["sample", "--model", tiny.hf, "--greedy", "--max-new-tokens", "4", "--output", str(tmp_path / "o.jsonl")]

@@ -28,7 +28,8 @@ def save_byte_tokenizer(out_dir: str) -> None:
     # In Qwen order (ids 256..277); as in Qwen2.5's tokenizer.json, the tool / FIM tokens are not special.
     tok.add_special_tokens(list(QWEN2_5_ADDED_TOKENS[:14]))
     tok.add_tokens(list(QWEN2_5_ADDED_TOKENS[14:]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>").save_pretrained(out_dir)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(out_dir)
 
 
 def tiny_vl_model(seed: int = 0, spiky: float = 4.0) -> Qwen2_5_VLForConditionalGeneration:
