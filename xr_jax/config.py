@@ -15,6 +15,7 @@ import typing
 from typing import Any, Optional, Sequence, Union
 
 from xr_jax.data.synthetic import SyntheticConfig
+from xr_jax.evaluation import EvalSection
 
 
 class ConfigError(ValueError):
@@ -205,9 +206,11 @@ class Config:
     logging: LoggingSection = LoggingSection()
     distributed: DistributedSection = DistributedSection()
     grpo: GRPOSection = GRPOSection()
+    eval: EvalSection = EvalSection()
 
-    def validate(self) -> "Config":
-        """Cross-field checks that the types alone cannot express."""
+    def validate(self, training: bool = True) -> "Config":
+        """Cross-field checks that the types alone cannot express; training=False (evaluation, sampling)
+        skips those only a training run needs (its length)."""
         choices = {
             "optim.schedule": (self.optim.schedule, ("step_decay", "cosine", "linear", "constant")),
             "distributed.initialize": (self.distributed.initialize, ("auto", "always", "never")),
@@ -238,7 +241,7 @@ class Config:
                 f"train.batch_size {self.train.batch_size} is not divisible by train.microbatches "
                 f"{self.train.microbatches}; choose a batch size that is a multiple of the microbatch count"
             )
-        if self.train.steps is None and (self.train.epochs is None or self.train.steps_per_epoch is None):
+        if training and self.train.steps is None and (self.train.epochs is None or self.train.steps_per_epoch is None):
             raise ConfigError("set train.steps, or both train.epochs and train.steps_per_epoch")
         return self
 
@@ -356,8 +359,9 @@ def apply_override(tree: dict, override: str) -> None:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({e})") from None
 
 
-def load(path: Optional[str] = None, overrides: Sequence[str] = (), cls=Config):
-    """YAML file (optional) + overrides -> a validated `cls` instance."""
+def load(path: Optional[str] = None, overrides: Sequence[str] = (), cls=Config, validate: bool = True):
+    """YAML file (optional) + overrides -> a `cls` instance, validated unless `validate` is False (the caller
+    then calls `validate(...)` itself, e.g. `Config.validate(training=False)`)."""
     tree: dict = {}
     if path is not None:
         import yaml
@@ -369,4 +373,4 @@ def load(path: Optional[str] = None, overrides: Sequence[str] = (), cls=Config):
     for override in overrides:
         apply_override(tree, override)
     cfg = from_dict(cls, tree)
-    return cfg.validate() if hasattr(cfg, "validate") else cfg
+    return cfg.validate() if validate and hasattr(cfg, "validate") else cfg

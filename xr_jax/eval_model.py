@@ -49,17 +49,11 @@ class ModelGenerator:
         return len(self.forced_exit.ids)
 
     def encode(self, prompt: EvalPrompt):
-        from xr_jax.data import images as images_lib
+        from xr_jax.chat_sampling import encode_chat
         from xr_jax.data import templates
-        from xr_jax.sampling import Prompt
 
         messages = templates.build_messages(prompt.text, n_images=len(prompt.images), system=self.system)
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        if not prompt.images:
-            return Prompt(self.tokenizer.encode(text))
-        pixel_values, grid = images_lib.preprocess_images(list(prompt.images), self.image_config, prompt.id)
-        text = templates.expand_image_pads(text, images_lib.image_pad_counts(grid, self.image_config.merge_size))
-        return Prompt(self.tokenizer.encode(text), pixel_values, grid)
+        return encode_chat(self.tokenizer, messages, prompt.images, self.image_config, prompt.id)
 
     def _sampler(self, scfg):
         from xr_jax.sampling import Sampler
