@@ -336,7 +336,7 @@ def main(config) -> dict:
     if config.data.tokenizer is None and config.model.path is None:
         raise ValueError("GRPO needs a tokenizer: set data.tokenizer ('qwen2.5', 'tiny' or a checkpoint dir) or model.path")
     tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
-    model_cfg, loaded = build_model(config, mesh, tokenizer.vocab_size)
+    model_cfg, loaded = build_model(config, mesh, tokenizer)
     parallel.check_model_fits_mesh(model_cfg, mesh)
     check_layout(config, mesh)
     frozen = ("visual",) if config.train.freeze_vision and model_cfg.vision is not None else ()

@@ -154,9 +154,10 @@ def check_batch_layout(batch_size: int, microbatches: int, mesh: Mesh, process_c
             f"train.batch_size {batch_size} is not divisible by {process_count} processes")
 
 
-def build_model(config, mesh: Mesh, vocab_size: int | None = None):
+def build_model(config, mesh: Mesh, tokenizer=None):
     """(ModelConfig, params or None): from `model.path` (HF or xr_jax checkpoint, loaded straight onto the
-    mesh) or a random-init preset, whose vocabulary is `model.vocab_size`, else the tokenizer's."""
+    mesh) or a random-init preset, whose vocabulary is `model.vocab_size`, else the tokenizer's, and whose
+    image/vision token ids are the tokenizer's."""
     m = config.model
     runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
                    attention=m.attention)
@@ -165,9 +166,14 @@ def build_model(config, mesh: Mesh, vocab_size: int | None = None):
 
         return convert.load_any(m.path, mesh=mesh, cast=m.param_dtype, **runtime)
     cfg = presets.preset(m.preset, **runtime)
-    vocab = m.vocab_size or vocab_size
+    vocab = m.vocab_size or (tokenizer.vocab_size if tokenizer is not None else None)
     if vocab is not None:
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab))
+    if tokenizer is not None:
+        sp = tokenizer.special
+        cfg = cfg.replace(image_token_id=sp.image_pad, video_token_id=sp.video_pad,
+                          vision_start_token_id=sp.vision_start, vision_end_token_id=sp.vision_end,
+                          text=dataclasses.replace(cfg.text, eos_token_id=sp.im_end, bos_token_id=sp.pad))
     return cfg, None
 
 
@@ -235,7 +241,7 @@ def main(config) -> dict:
     parallel.initialize_distributed(d.initialize, d.coordinator, d.num_processes, d.process_id)
     mesh = parallel.make_mesh(config.mesh.shape)
     tokenizer = load_tokenizer(config)
-    model_cfg, loaded = build_model(config, mesh, None if tokenizer is None else tokenizer.vocab_size)
+    model_cfg, loaded = build_model(config, mesh, tokenizer)
     parallel.check_model_fits_mesh(model_cfg, mesh)
     tr = config.train
     check_batch_layout(tr.batch_size, tr.microbatches, mesh, jax.process_count())
