@@ -281,6 +281,21 @@ def _plot(args: argparse.Namespace) -> None:
 COMMANDS["plot"] = ("training curves of one or more runs (metrics.jsonl) as a PNG", _plot_args, _plot)
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a ~2-minute miniature (what the tests run)")
+    p.add_argument("--out", default="runs/demo", help="output directory (checkpoints, metrics, curves.png)")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from xr_jax import demo
+
+    demo.main(args.out, quick=args.quick)
+
+
+COMMANDS["demo"] = ("the built-in default: base -> SFT -> GRPO -> eval (text and images) on CPU, no downloads",
+                    _demo_args, _demo)
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean a user mistake (bad path, config, checkpoint, mesh): one line, exit 2."""
     from xr_jax.chat_sampling import ChatError

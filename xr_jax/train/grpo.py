@@ -25,6 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xr_jax import parallel
+from xr_jax.eval_model import token_byte_table
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
 from xr_jax.sampling import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig, cast_params, prepare_prompts
@@ -108,11 +109,6 @@ def make_update_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, s
 # ----------------------------------------------------------------------------- host side
 
 
-def token_bytes_table(tokenizer, vocab_size: int) -> list[bytes]:
-    """Bytes of every model id (embedding rows the tokenizer never produces decode to b"")."""
-    return [tokenizer.token_bytes(i) if i < tokenizer.vocab_size else b"" for i in range(vocab_size)]
-
-
 @dataclasses.dataclass
 class Rollout:
     """One rollout batch as training rows (numpy), plus what the metrics need."""
@@ -163,7 +159,7 @@ class GRPOTrainer:
         stops = tuple(tokenizer.special.stop_ids)
         forced = None
         if g.forced_exit:
-            forced = ForcedExit.build(tokenizer.encode("</think>"), token_bytes_table(tokenizer, model_cfg.text.vocab_size),
+            forced = ForcedExit.build(tokenizer.encode("</think>"), token_byte_table(tokenizer, model_cfg.text.vocab_size),
                                       model_cfg.text.vocab_size)
         self.scfg = SamplingConfig(
             temperature=g.temperature, max_new_tokens=g.max_new_tokens, stop_ids=stops, pad_id=tokenizer.special.pad,
