@@ -57,13 +57,30 @@ def _sft(args: argparse.Namespace) -> None:
 COMMANDS["sft"] = ("supervised fine-tuning, stage 1 (`--config FILE key.sub=value ...`)", _sft_args, _sft)
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from xr_jax import plan
+
+    plan.add_args(p)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from xr_jax import plan
+
+    plan.run(args)
+
+
+COMMANDS["plan"] = ("per-device memory and FLOPs of a run on N devices, from a simulated-mesh compile",
+                    _plan_args, _plan)
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean a user mistake (bad path, config, checkpoint, mesh): one line, exit 2."""
     from xr_jax.config import ConfigError
     from xr_jax.models.hf import CheckpointError
     from xr_jax.parallel import MeshError
+    from xr_jax.plan import PlanError
 
-    return (CheckpointError, ConfigError, MeshError, FileNotFoundError)
+    return (CheckpointError, ConfigError, MeshError, PlanError, FileNotFoundError)
 
 
 def main(argv=None) -> int:
