@@ -60,7 +60,7 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * units[m.group(2).lower()])
 
 
-def gib(n: float, unit: int = GIB) -> str:
+def fmt_bytes(n: float, unit: int = GIB) -> str:
     return f"{n / unit:.2f}"
 
 
@@ -116,6 +116,26 @@ class Measurement:
         return self.argument + self.output - self.alias + self.temp
 
 
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What one device may hold (`usable` bytes), and what it holds beside the train step: with
+    `reference`, GRPO's frozen reference params, sharded like the params."""
+
+    usable: int
+    reference: bool = False
+
+    def held(self, m: Measurement) -> Optional[int]:
+        return None if m.peak is None else m.peak + (m.params if self.reference else 0)
+
+    def fits(self, m: Measurement) -> bool:
+        held = self.held(m)
+        return held is not None and held <= self.usable
+
+    def possible(self, m: Measurement) -> bool:
+        """Could fit: the inputs alone (known without compiling) are within the budget."""
+        return m.error is None and m.static + (m.params if self.reference else 0) <= self.usable
+
+
 @dataclasses.dataclass
 class KVCache:
     """The GRPO sampler's KV cache: `rows` = prompts x samples, each `length` = prompt + response slots."""
@@ -125,7 +145,6 @@ class KVCache:
     bytes_per_token: int  # layers x 2 (k, v) x kv_heads x head_dim x dtype bytes
     shards: int  # batch shards (data x fsdp) x kv-head shards (tensor, when it divides kv_heads)
     sampling_params: int  # per device: the compute-dtype copy of the params the sampler runs on
-    reference_params: int  # per device: the frozen reference policy for the KL term
 
     @property
     def total(self) -> int:
@@ -141,7 +160,7 @@ class Plan:
     stage: str
     devices: int
     device_memory: int
-    usable: int
+    budget: Budget
     model: str
     params_total: int
     params_trainable: int
@@ -155,13 +174,12 @@ class Plan:
     kv_cache: Optional[KVCache] = None
     total_steps: Optional[int] = None
 
-    def fits(self, m: Measurement) -> bool:
-        return m.peak is not None and m.peak + self.extra_bytes <= self.usable
-
     @property
-    def extra_bytes(self) -> int:
-        """Per-device bytes held beside the train step: the GRPO reference params."""
-        return self.kv_cache.reference_params if self.kv_cache else 0
+    def usable(self) -> int:
+        return self.budget.usable
+
+    def fits(self, m: Measurement) -> bool:
+        return self.budget.fits(m)
 
 
 # ----------------------------------------------------------------------------- the worker (N devices)
@@ -275,6 +293,7 @@ class Worker:
                    XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
         env["PYTHONPATH"] = os.pathsep.join(
             [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + [p for p in [env.get("PYTHONPATH")] if p])
+        self._done: dict[str, Measurement] = {}
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "xr_jax.plan", "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -282,6 +301,10 @@ class Worker:
 
     def measure(self, config_dict: dict, layout: Layout, batch_size: int, seq_len: int,
                 compile: bool = True) -> Measurement:
+        """Measure (memoised: a compiled result also answers a later request without compile)."""
+        key = json.dumps([config_dict, dataclasses.asdict(layout), batch_size, seq_len], sort_keys=True)
+        if key in self._done and (self._done[key].temp is not None or not compile):
+            return self._done[key]
         req = {"config": config_dict, "layout": dataclasses.asdict(layout), "batch_size": batch_size,
                "seq_len": seq_len, "compile": compile}
         self._proc.stdin.write(json.dumps(req) + "\n")
@@ -293,7 +316,8 @@ class Worker:
                     raise RuntimeError(f"plan worker failed on {layout}: {reply['fatal']}")
                 reply["layout"] = Layout(tuple(reply["layout"]["mesh"]), reply["layout"]["remat"],
                                          reply["layout"]["microbatches"])
-                return Measurement(**reply)
+                self._done[key] = Measurement(**reply)
+                return self._done[key]
         self._stderr.seek(0)
         raise RuntimeError("plan worker exited:\n" + self._stderr.read()[-3000:])
 
@@ -331,11 +355,11 @@ def microbatch_options(batch_size: int, mesh: tuple[int, ...]) -> list[int]:
     return [m for m in range(1, rows + 1) if rows % m == 0]
 
 
-def search(measure_fn, fits, batch_size: int, meshes: Sequence[tuple], usable: int,
-           max_compiles: int, known: Sequence[Measurement] = ()) -> tuple[Optional[Measurement], list[Measurement]]:
+def search(measure_fn, budget: Budget, batch_size: int, meshes: Sequence[tuple], max_compiles: int,
+           known: Sequence[Measurement] = ()) -> tuple[Optional[Measurement], list[Measurement]]:
     """First (remat, mesh) in cheapest-first order that fits with one row per device per microbatch, then
-    the fewest microbatches that still fit (bisection). Layouts whose inputs alone exceed `usable` are
-    skipped without compiling. Returns (best or None, everything measured)."""
+    the fewest microbatches that still fit (bisection). Layouts whose inputs alone exceed the budget are
+    skipped without compiling; at most `max_compiles` compiles. Returns (best or None, everything measured)."""
     tried: dict[Layout, Measurement] = {m.layout: m for m in known}
     compiles = [0]
 
@@ -343,10 +367,11 @@ def search(measure_fn, fits, batch_size: int, meshes: Sequence[tuple], usable: i
         if layout in tried:
             return tried[layout]
         static = measure_fn(layout, compile=False)
-        if static.error or static.static > usable or compiles[0] >= max_compiles:
-            if static.error or static.static > usable:
-                tried[layout] = static
-            return tried.get(layout)
+        if not budget.possible(static):
+            tried[layout] = static
+            return static
+        if compiles[0] >= max_compiles:
+            return None
         compiles[0] += 1
         tried[layout] = measure_fn(layout, compile=True)
         return tried[layout]
@@ -358,13 +383,13 @@ def search(measure_fn, fits, batch_size: int, meshes: Sequence[tuple], usable: i
             if not options:
                 continue
             most = get(Layout(mesh, remat, options[-1]))
-            if most is None or not fits(most):
+            if most is None or not budget.fits(most):
                 continue
             lo, hi, best = 0, len(options) - 1, most  # options[hi] fits
             while lo < hi:
                 mid = (lo + hi) // 2
                 m = get(Layout(mesh, remat, options[mid]))
-                if m is not None and fits(m):
+                if m is not None and budget.fits(m):
                     hi, best = mid, m
                 else:
                     lo = mid + 1
@@ -375,22 +400,23 @@ def search(measure_fn, fits, batch_size: int, meshes: Sequence[tuple], usable: i
 # ----------------------------------------------------------------------------- the plan
 
 
-def kv_cache(model_cfg, mesh: tuple[int, ...], rows: int, length: int, sampling_params: int,
-             reference_params: int) -> KVCache:
+def kv_cache(model_cfg, mesh: tuple[int, ...], rows: int, length: int, sampling_params: int) -> KVCache:
     """The sampler's cache (k and v [layers, rows, length, kv_heads, head_dim] in the compute dtype,
     `models.qwen2.init_cache`), sharded as `CACHE_AXES`: rows over data x fsdp, kv heads over tensor."""
     t = model_cfg.text
     per_token = t.num_layers * 2 * t.num_kv_heads * t.head_dim * _itemsize(model_cfg.dtype)
     dp = mesh[0] * mesh[1] if rows % (mesh[0] * mesh[1]) == 0 else 1
     tp = mesh[2] if t.num_kv_heads % mesh[2] == 0 else 1
-    return KVCache(rows, length, per_token, dp * tp, sampling_params, reference_params)
+    return KVCache(rows, length, per_token, dp * tp, sampling_params)
 
 
 def plan(config, devices: int, device_memory: int, *, usable_fraction: float = 0.9,
          peak_flops: Optional[float] = None, stage: str = "sft", rollout_prompts: int = 128,
          rollout_samples: int = 8, prompt_len: int = 1024, response_len: int = 4096, kl: bool = True,
-         search_layouts: bool = True, max_compiles: int = 12) -> Plan:
+         search_layouts: bool = True, max_compiles: int = 12, worker: Optional["Worker"] = None) -> Plan:
     """Measure the config's own layout on `devices` simulated devices and search for one that fits.
+
+    `worker`: a running `Worker(devices)` to reuse (one is started and stopped otherwise).
 
     stage "grpo": the update step is measured as the SFT step over prompts x samples rows of
     prompt + response tokens (the GRPO loss adds only per-token elementwise terms to the same
@@ -403,7 +429,7 @@ def plan(config, devices: int, device_memory: int, *, usable_fraction: float = 0
         raise PlanError(f"--devices must be >= 1, got {devices}")
     if stage not in ("sft", "grpo"):
         raise PlanError(f"stage must be sft or grpo, got {stage!r}")
-    usable = int(device_memory * usable_fraction)
+    budget = Budget(int(device_memory * usable_fraction), reference=stage == "grpo" and kl)
     model_cfg = model_config(config)
     requested_mesh = parallel.mesh_shape(config.mesh.shape, devices)
     if stage == "grpo":
@@ -413,28 +439,31 @@ def plan(config, devices: int, device_memory: int, *, usable_fraction: float = 0
     config_dict = config_lib.to_dict(config)
     requested = Layout(requested_mesh, config.model.remat, config.train.microbatches)
 
-    with Worker(devices) as worker:
+    own = worker is None
+    worker = Worker(devices) if own else worker
+    try:
         def measure_fn(layout, compile=True):
             return worker.measure(config_dict, layout, batch_size, seq_len, compile)
 
         first = measure_fn(requested)
-        extra = 0
-        kv = None
-        if stage == "grpo" and first.error is None:
-            sampling = first.params * _itemsize(model_cfg.dtype) // _itemsize(model_cfg.param_dtype)
-            kv = kv_cache(model_cfg, requested_mesh, batch_size, seq_len, sampling, first.params if kl else 0)
-            extra = kv.reference_params
-        fits = lambda m: m.peak is not None and m.peak + extra <= usable  # noqa: E731
         best, tried = None, [first]
         if search_layouts:
             meshes = mesh_candidates(devices, requested_mesh, model_cfg.text.num_heads,
                                      model_cfg.text.intermediate_size)
-            best, tried = search(measure_fn, fits, batch_size, meshes, usable - extra, max_compiles, [first])
-        if best is None and fits(first):
+            best, tried = search(measure_fn, budget, batch_size, meshes, max_compiles, [first])
+        if best is None and budget.fits(first):
             best = first
+    finally:
+        if own:
+            worker.close()
+    kv = None
+    layout_of_kv = best or (first if first.error is None else None)
+    if stage == "grpo" and layout_of_kv is not None:
+        sampling = layout_of_kv.params * _itemsize(model_cfg.dtype) // _itemsize(model_cfg.param_dtype)
+        kv = kv_cache(model_cfg, layout_of_kv.layout.mesh, batch_size, seq_len, sampling)
     n_params, n_train = _param_counts(model_cfg, config.train.freeze_vision)
     return Plan(
-        stage=stage, devices=devices, device_memory=device_memory, usable=usable,
+        stage=stage, devices=devices, device_memory=device_memory, budget=budget,
         model=config.model.path or config.model.preset, params_total=n_params, params_trainable=n_train,
         batch_size=batch_size, seq_len=seq_len,
         model_flops=flops.text_train_flops(model_cfg, batch_size * seq_len, seq_len), peak_flops=peak_flops,
@@ -469,68 +498,76 @@ def _leaves(tree):
 
 
 def format_report(p: Plan, title: str = "") -> str:
+    """The plan as the text `xr-jax plan` prints: one table row per layout measured, then the verdict."""
     unit, unit_name = (GIB, "GiB") if p.device_memory >= 4 * GIB else (2**20, "MiB")
-    gib = lambda n: globals()["gib"](n, unit)  # noqa: E731
-    lines = [f"xr-jax plan{': ' + title if title else ''} (stage {p.stage})"]
-    lines.append(f"model     {p.model}: {_count(p.params_total)} params, {_count(p.params_trainable)} trained")
-    lines.append(f"step      {p.batch_size} rows x {p.seq_len} tokens; {p.model_flops:.3g} model FLOPs per step "
-                 f"(train/flops.py), {p.model_flops / p.devices:.3g} per device")
+    b = lambda n: fmt_bytes(n, unit)  # noqa: E731
+    out = [f"xr-jax plan{': ' + title if title else ''} (stage {p.stage})",
+           f"model     {p.model}: {_count(p.params_total)} params, {_count(p.params_trainable)} trained",
+           f"step      {p.batch_size} rows x {p.seq_len} tokens: {p.model_flops:.3g} model FLOPs "
+           f"(train/flops.py), {p.model_flops / p.devices:.3g} per device"]
     if p.peak_flops:
-        lines.append(f"          {p.model_flops / (p.devices * p.peak_flops * 0.4):.1f} s per step at 40% MFU "
-                     f"of {p.peak_flops / 1e12:.0f} TFLOP/s per device"
-                     + (f" ({p.model_flops * p.total_steps / (p.devices * p.peak_flops * 0.4) / 3600:.1f} h for "
-                        f"{p.total_steps} steps)" if p.total_steps else ""))
-    lines.append(f"devices   {p.devices} x {gib(p.device_memory)} {unit_name}; usable {gib(p.usable)} {unit_name} per device")
-    lines.append(f"memory    per device, {unit_name}. params / opt / batch: from the shardings; grads: analytic (inside "
-                 "temp); args / temp / peak: memory_analysis() of XLA:CPU's compile of the sharded program on "
-                 f"{p.devices} simulated CPU devices (see docs/plan.md)")
-    header = f"  {'mesh (d,f,t)':<13} {'remat':<5} {'mb':>3} | {'params':>6} {'opt':>6} {'grads':>6} {'batch':>6} | " \
-             f"{'args':>6} {'temp':>6} {'peak':>6} | fits | compile"
-    lines.append(header)
-    for m in sorted(p.tried, key=lambda m: (m is not p.requested, REMATS.index(m.layout.remat), m.layout.mesh,
-                                            m.layout.microbatches)):
-        lay = m.layout
-        tag = "<- requested" if m is p.requested else ("<- best" if m is p.best else "")
+        seconds = p.model_flops / (p.devices * p.peak_flops * 0.4)
+        total = f" ({seconds * p.total_steps / 3600:.1f} h for {p.total_steps} steps)" if p.total_steps else ""
+        out.append(f"          {seconds:.1f} s per step at 40% MFU of {p.peak_flops / 1e12:.0f} TFLOP/s{total}")
+    out += [f"devices   {p.devices} x {b(p.device_memory)} {unit_name}, usable {b(p.usable)} {unit_name} each",
+            f"memory    per device in {unit_name}: params/opt/batch from the shardings; grads analytic (part of "
+            f"temp); args/temp/peak from memory_analysis() of XLA:CPU's compile on {p.devices} simulated "
+            "devices (docs/plan.md)",
+            f"  {'mesh (d,f,t)':<13} {'remat':<5} {'mb':>4} | {'params':>6} {'opt':>6} {'grads':>6} {'batch':>6} "
+            f"| {'args':>6} {'temp':>6} {'peak':>6} | fits | compile"]
+    order = lambda m: (m is not p.requested, REMATS.index(m.layout.remat), m.layout.mesh, m.layout.microbatches)  # noqa: E731
+    for m in sorted(p.tried, key=order):
+        row = f"  {str(m.layout.mesh):<13} {m.layout.remat:<5} {m.layout.microbatches:>4} | "
         if m.error:
-            lines.append(f"  {str(lay.mesh):<13} {lay.remat:<5} {lay.microbatches:>3} | invalid: {m.error}")
+            out.append(row + f"invalid: {m.error}")
             continue
+        row += f"{b(m.params):>6} {b(m.opt_state):>6} {b(m.grads):>6} {b(m.batch):>6} | "
         if m.peak is None:
-            body = f"{'':>6} {'':>6} {'':>6} | skipped: inputs alone exceed usable memory"
-        else:
-            body = f"{gib(m.argument):>6} {gib(m.temp):>6} {gib(m.peak + p.extra_bytes):>6} | " \
-                   f"{'yes ' if p.fits(m) else 'no  '} | {m.compile_s:5.1f} s {tag}"
-        lines.append(f"  {str(lay.mesh):<13} {lay.remat:<5} {lay.microbatches:>3} | {gib(m.params):>6} "
-                     f"{gib(m.opt_state):>6} {gib(m.grads):>6} {gib(m.batch):>6} | {body}")
+            out.append(row + "not compiled: its inputs alone exceed the usable memory")
+            continue
+        tag = "<- requested" if m is p.requested else ("<- best" if m is p.best else "")
+        out.append(row + f"{b(m.argument):>6} {b(m.temp):>6} {b(p.budget.held(m)):>6} | "
+                   f"{'yes' if p.fits(m) else 'no ':<4} | {m.compile_s:5.1f} s {tag}".rstrip())
     if p.kv_cache:
-        kv = p.kv_cache
-        lines.append(f"grpo      KV cache: {kv.rows} rows x {kv.length} slots x {kv.bytes_per_token} B/token = "
-                     f"{gib(kv.total)} {unit_name}, {gib(kv.per_device)} {unit_name} per device ({kv.shards} shards)")
-        lines.append(f"          reference params {gib(kv.reference_params)} {unit_name} per device (included in peak above)")
-        state = p.requested.params + p.requested.opt_state
-        sampling = state + kv.reference_params + kv.sampling_params + kv.per_device
-        lines.append(f"          sampling phase: state {gib(state)} + reference {gib(kv.reference_params)} + "
-                     f"{kv.sampling_params and gib(kv.sampling_params)} sampling params + cache {gib(kv.per_device)} "
-                     f"= {gib(sampling)} {unit_name} per device (decode temporaries not included)")
-        free = p.usable - (sampling - kv.per_device)
-        if sampling > p.usable:
-            per_row = kv.per_device / max(1, kv.rows)
-            fit_rows = int(free / per_row) if free > 0 else 0
-            lines.append(f"          -> does not fit: sample at most ~{fit_rows} rows per sampler call "
-                         f"({math.ceil(kv.rows / max(fit_rows, 1))} calls per rollout step) or add devices")
-    if p.requested.error is None and p.fits(p.requested):
-        lines.append(f"result    fits as configured: peak {gib(p.requested.peak + p.extra_bytes)} of "
-                     f"{gib(p.usable)} {unit_name} usable")
-    elif p.best is not None:
-        lines.append(f"result    the configured layout does not fit; this one does (peak "
-                     f"{gib(p.best.peak + p.extra_bytes)} of {gib(p.usable)} {unit_name}): {p.best.layout.overrides()}")
-    else:
-        lines.append("result    nothing tried fits: add devices, shorten train.seq_len, or raise --max-compiles "
-                     "to search further")
-    flops_m = p.best or p.requested
-    if flops_m.xla_flops:
-        lines.append(f"note      XLA cost_analysis: {flops_m.xla_flops:.3g} FLOPs per device — XLA counts each "
-                     "scanned loop body (layers, microbatches) once, so use the model count above")
-    return "\n".join(lines)
+        out += _kv_lines(p, b, unit_name)
+    out.append(_verdict(p, b, unit_name))
+    flops_of = p.best or p.requested
+    if flops_of.xla_flops:
+        out.append(f"note      XLA cost_analysis: {flops_of.xla_flops:.3g} FLOPs per device; XLA counts a scanned "
+                   "loop body (layers, microbatches) once, so the model count above is the one to use")
+    return "\n".join(out)
+
+
+def _kv_lines(p: Plan, b, unit_name: str) -> list[str]:
+    kv, m = p.kv_cache, p.best or p.requested
+    state, reference = m.params + m.opt_state, m.params if p.budget.reference else 0
+    held = state + reference + kv.sampling_params  # besides the cache while sampling
+    lines = [f"grpo      KV cache: {kv.rows} rows x {kv.length} slots x {kv.bytes_per_token} B/token = "
+             f"{b(kv.total)} {unit_name}, {b(kv.per_device)} per device ({kv.shards} shards, mesh {m.layout.mesh})",
+             f"          reference params: {b(reference)} per device (in the peak column above)",
+             f"          sampling phase: train state {b(state)} + reference {b(reference)} + "
+             f"{b(kv.sampling_params)} sampling params + cache {b(kv.per_device)} = "
+             f"{b(held + kv.per_device)} {unit_name} per device, before decode temporaries"]
+    if held + kv.per_device > p.usable:
+        rows = int((p.usable - held) / (kv.per_device / kv.rows)) if p.usable > held else 0
+        lines.append(f"          -> does not fit: at most ~{rows} rows per sampler call "
+                     f"({math.ceil(kv.rows / rows) if rows else 'no'} calls per rollout step), or more devices")
+    return lines
+
+
+def _verdict(p: Plan, b, unit_name: str) -> str:
+    fits = p.requested.error is None and p.fits(p.requested)
+    if fits and (p.best is None or p.best is p.requested):
+        return f"result    fits as configured: peak {b(p.budget.held(p.requested))} of {b(p.usable)} {unit_name}"
+    if p.best is not None:
+        if fits:
+            lead = "fits as configured; a cheaper layout (less recompute or fewer microbatches) also fits"
+        else:
+            lead = f"{'is invalid' if p.requested.error else 'does not fit'} as configured; this layout fits"
+        return (f"result    {lead} (peak {b(p.budget.held(p.best))} of {b(p.usable)} {unit_name}): "
+                f"{p.best.layout.overrides()}")
+    return ("result    nothing measured fits: add devices, shorten train.seq_len, or raise --max-compiles to "
+            "search further")
 
 
 def to_json(p: Plan) -> dict:
