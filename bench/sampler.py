@@ -179,7 +179,9 @@ def main(argv=None) -> None:
             __import__("torch").set_num_threads(args.torch_threads)
         torch_model, params = hf_model(cfg, "cuda" if on_gpu else "cpu")
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, cfg.param_dtype), params)
-    peak = args.peak_gbs * 1e9 if args.peak_gbs else next((v for k, v in PEAK_HBM.items() if on_gpu and k in device.device_kind), None)
+    peak = args.peak_gbs * 1e9 if args.peak_gbs else None
+    if peak is None and on_gpu:
+        peak = next((v for k, v in PEAK_HBM.items() if k in device.device_kind), None)
 
     rng = np.random.RandomState(0)
     rows = []
@@ -211,10 +213,12 @@ def rates(r: dict, b: int, new: int) -> tuple[float, float, float]:
 def print_row(row: dict, new: int) -> None:
     b = row["batch"]
     p, d, e = rates(row["xr"], b, new)
-    msg = f"B={b:3d}  xr: prefill {p:8.2f} ms  decode {d:10.0f} tok/s  e2e {e:10.0f} tok/s  compile {row['xr']['compile']:.1f} s"
+    msg = f"B={b:3d}  xr: prefill {p:8.2f} ms  decode {d:10.0f} tok/s  e2e {e:10.0f} tok/s"
+    msg += f"  compile {row['xr']['compile']:.1f} s"
     if "hf" in row:
         hp, hd, he = rates(row["hf"], b, new)
-        msg += f"  | hf: prefill {hp:8.2f} ms  decode {hd:9.0f} tok/s  e2e {he:9.0f}  | decode x{d / hd:.1f}  e2e x{e / he:.1f}"
+        msg += f"  | hf: prefill {hp:8.2f} ms  decode {hd:9.0f} tok/s  e2e {he:9.0f}"
+        msg += f"  | decode x{d / hd:.1f}  e2e x{e / he:.1f}"
         msg += f"  same tokens {row['same_tokens']:.3f}"
     if "roofline" in row:
         msg += f"  | roofline {100 * row['roofline']:.0f}%"
@@ -227,7 +231,8 @@ def table_line(row: dict, new: int) -> str:
     cells = [str(b), f"{p:.2f}", f"{d:,.0f}", f"{e:,.0f}", f"{row['xr']['compile']:.1f}"]
     if "hf" in row:
         hp, hd, he = rates(row["hf"], b, new)
-        cells += [f"{hp:.2f}", f"{hd:,.0f}", f"{he:,.0f}", f"{d / hd:.1f}x", f"{e / he:.1f}x", f"{row['same_tokens']:.3f}"]
+        cells += [f"{hp:.2f}", f"{hd:,.0f}", f"{he:,.0f}", f"{d / hd:.1f}x", f"{e / he:.1f}x"]
+        cells.append(f"{row['same_tokens']:.3f}")
     else:
         cells += ["-"] * 6
     cells.append(f"{100 * row['roofline']:.0f}%" if "roofline" in row else "-")

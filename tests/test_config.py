@@ -36,19 +36,19 @@ def test_bad_keys_and_values_fail_naming_the_key(override, message):
 
 def test_a_new_section_needs_no_change_to_the_mechanism():
     @dataclasses.dataclass(frozen=True)
-    class GRPOSection:
-        group_size: int = 8
-        clip_high: float = 0.28
+    class DistillSection:
+        teacher: str = "big"
+        alpha: float = 0.5
 
     @dataclasses.dataclass(frozen=True)
-    class WithGRPO(C.Config):
-        grpo: GRPOSection = GRPOSection()
+    class WithDistill(C.Config):
+        distill: DistillSection = DistillSection()
 
-    cfg = C.load(ROOT_YAML, ["grpo.group_size=16"], cls=WithGRPO)
-    assert cfg.grpo.group_size == 16 and cfg.train.steps == 20
-    assert C.to_dict(cfg)["grpo"] == {"group_size": 16, "clip_high": 0.28}
-    with pytest.raises(C.ConfigError, match="grpo.clip_hgh"):
-        C.load(None, ["train.steps=1", "grpo.clip_hgh=0.3"], cls=WithGRPO)
+    cfg = C.load(ROOT_YAML, ["distill.alpha=0.25"], cls=WithDistill)
+    assert cfg.distill.alpha == 0.25 and cfg.train.steps == 20
+    assert C.to_dict(cfg)["distill"] == {"teacher": "big", "alpha": 0.25}
+    with pytest.raises(C.ConfigError, match="distill.alpah"):
+        C.load(None, ["train.steps=1", "distill.alpah=0.3"], cls=WithDistill)
 
 
 def test_steps_must_be_given():

@@ -274,3 +274,10 @@ def test_global_batch_on_a_device_mesh(tok):
     assert arrays["input_ids"].shape == (8, 128) and len(arrays["input_ids"].sharding.device_set) == len(jax.devices())
     for key in batch:
         np.testing.assert_array_equal(np.asarray(arrays[key]), batch[key])
+
+
+def test_all_rows_skipped_fails_instead_of_looping_forever(tok):
+    src = synthetic.synthetic_source(synthetic.SyntheticConfig(num_examples=12))
+    cfg = P.PromptBatchConfig(batch_size=4, max_prompt_len=8)  # every prompt is longer than 8 tokens
+    with pytest.raises(P.UnusableData, match="all 12 rows of a whole pass were skipped.*prompt_too_long=12"):
+        next(iter(P.rl_pipeline(src, tok, cfg, process_index=0, process_count=1)))

@@ -299,11 +299,8 @@ def test_sharded_group_greedy_on_mesh_matches_transformers(hf_model, params):
     rows = [rng.randint(2, 60, size=n).tolist() for n in (4, 10, 7, 13)]
     want = hf_generate(hf_model, rows, N_NEW)
     mesh = parallel.make_mesh((2, 2, 2))
-    # the language model sharded by its logical axes (vision tower replicated: text prompts only)
-    boxed = jax.eval_shape(lambda: init_params(CFG.replace(vision=None), jax.random.PRNGKey(0)))
-    sharded = dict(jax.device_put({k: v for k, v in params.items() if k != "visual"},
-                                  parallel.param_shardings(boxed, mesh)))
-    sharded["visual"] = jax.device_put(params["visual"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    boxed = jax.eval_shape(lambda: init_params(CFG, jax.random.PRNGKey(0)))
+    sharded = jax.device_put(params, parallel.param_shardings(boxed, mesh))  # the training layout
     assert not sharded["model"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding.is_fully_replicated
     out = Sampler(CFG, GREEDY, mesh=mesh).generate(sharded, [Prompt(r) for r in rows], group_size=2)
     np.testing.assert_array_equal(out.tokens, np.repeat(want, 2, axis=0))
@@ -325,3 +322,6 @@ def test_bad_inputs_have_clear_errors(params):
     with pytest.raises(ValueError, match="top_p"):
         Sampler(CFG, SamplingConfig(top_p=0.0))
     assert FINISH_NAMES == ("eos", "forced_exit", "length")
+    half = sampling.cast_params(params, jnp.bfloat16)  # the optional bf16 copy of training params
+    assert half["lm_head"]["kernel"].dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(half))

@@ -57,6 +57,225 @@ def _sft(args: argparse.Namespace) -> None:
 COMMANDS["sft"] = ("supervised fine-tuning, stage 1 (`--config FILE key.sub=value ...`)", _sft_args, _sft)
 
 
+# ----------------------------------------------------------------------------- sample
+
+SAMPLE_EPILOG = """\
+The prompt is a chat: --prompt TEXT (one user turn, --image files shown before the text) or --messages
+FILE.jsonl, one {"messages": [...]} per line in the transformers chat format, where content is a string or
+a list of {"type": "text", "text": ...} and {"type": "image", "image": PATH} items (relative image paths
+are taken from the file's folder). The chat template (the checkpoint's, else the built-in Qwen2.5-VL one)
+is applied with the assistant generation prompt, and each image's <|image_pad|> is expanded to its patch
+count. The tokenizer comes from the checkpoint (<dir>, or <dir>/assets of an xr_jax checkpoint) unless
+--tokenizer names one ("qwen2.5", "tiny" or a directory).
+
+Decoding stops at <|im_end|> or <|endoftext|>. --max-think K turns on forced exit: a sample that has not
+written </think> within K tokens gets "</think>" appended there, then up to --max-answer more tokens
+(output <= K + len(</think> ids) + max-answer tokens; --max-new-tokens is then unused).
+
+Output: one JSON line per sample, in input order (prompt-major): index, sample, token_ids (generated ids,
+the stop id included when one was produced), text (special tokens removed), finish_reason ("eos",
+"forced_exit" or "length") and forced_exit. Each (prompt, sample) has its own random stream derived from
+--seed, whatever the batching.
+
+Streaming: the decode loop runs on the device as one compiled while_loop, so with --prompt each sample's
+text is printed when generation ends (not token by token); with --messages a progress bar is shown.
+
+Examples:
+  xr-jax sample --model ckpt/X-Reasoner-7B --prompt "What is 17 * 23?" --greedy --max-new-tokens 1024
+  xr-jax sample --model ckpt --prompt "Describe the image." --image cat.png --temperature 0.7 --top-p 0.9 \\
+      --num-samples 4 --max-think 2048 --max-answer 256 --output out.jsonl
+  xr-jax sample --model ckpt --messages chats.jsonl --greedy --max-new-tokens 512 --output out.jsonl
+"""
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = SAMPLE_EPILOG
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint dir or xr_jax checkpoint dir")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the user's message (one conversation)")
+    src.add_argument("--messages", metavar="FILE.jsonl", help='conversations, one {"messages": [...]} per line')
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image for --prompt (repeatable)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--greedy", action="store_true", help="argmax decoding")
+    how.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="output length without forced exit (default 256)")
+    p.add_argument("--max-think", type=int, help="thinking budget: forced exit of </think> after this many tokens")
+    p.add_argument("--max-answer", type=int, help="tokens after the forced </think> (with --max-think; default 256)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    p.add_argument("--tokenizer", help='"qwen2.5", "tiny" or a tokenizer dir (default: the checkpoint\'s)')
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="cast params and compute (default: as stored)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", metavar="OUT.jsonl", help="write the samples here (required with --messages)")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    import os
+
+    from xr_jax import chat_sampling as cs
+
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model!r} is not a checkpoint directory")
+    if args.image and args.messages:
+        raise cs.ChatError("--image goes with --prompt; with --messages put image items in the conversations")
+    if args.messages and not args.output:
+        raise cs.ChatError("--messages needs --output OUT.jsonl")
+    if args.max_answer is not None and args.max_think is None:
+        raise cs.ChatError("--max-answer needs --max-think (forced exit)")
+    if args.greedy and args.top_p != 1.0:
+        raise cs.ChatError("--top-p has no effect with --greedy")
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise cs.ChatError(f"--num-samples ({args.num_samples}) and --batch-size ({args.batch_size}) must be >= 1")
+    chats = cs.read_chats(args.messages) if args.messages else [cs.prompt_chat(args.prompt, args.image)]
+    tokenizer = cs.load_tokenizer_for(args.model, args.tokenizer)
+    sampler, params = _build_sampler(args, tokenizer)
+    single = args.prompt is not None
+    out = open(args.output, "w", encoding="utf-8") if args.output else None
+    from tqdm.auto import tqdm
+
+    try:
+        with tqdm(total=len(chats), desc="sample", unit="prompt", disable=single) as bar:
+            for records in cs.sample_chats(sampler, params, tokenizer, chats, num_samples=args.num_samples,
+                                           seed=args.seed, batch_size=args.batch_size):
+                for r in records:
+                    if out is not None:
+                        out.write(r.to_json() + "\n")
+                    if single:
+                        print(f"--- sample {r.sample} ({r.finish_reason}, {len(r.token_ids)} tokens"
+                              f"{', forced exit' if r.forced_exit else ''}) ---\n{r.text}", flush=True)
+                if out is not None:
+                    out.flush()
+                bar.update(1)
+    finally:
+        if out is not None:
+            out.close()
+    if out is not None:
+        print(f"wrote {len(chats) * args.num_samples} samples to {args.output}", file=sys.stderr)
+
+
+def _build_sampler(args: argparse.Namespace, tokenizer):
+    """The model (one device) and a `Sampler` for the command's decoding options."""
+    from xr_jax import chat_sampling as cs
+    from xr_jax import convert
+    from xr_jax.eval_model import FORCED_TEXT, token_byte_table
+    from xr_jax.sampling import ForcedExit, Sampler, SamplingConfig
+
+    print(f"loading {args.model}", file=sys.stderr)
+    cfg, params = convert.load_any(args.model, dtype=args.dtype)
+    if args.dtype:
+        cfg = cfg.replace(dtype=args.dtype)
+    special = tokenizer.special
+    scfg = SamplingConfig(
+        temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        max_think=args.max_think, max_answer=256 if args.max_answer is None else args.max_answer,
+        stop_ids=tuple(special.stop_ids), pad_id=special.pad,
+    )
+    vocab = cfg.text.vocab_size
+    try:
+        forced = None
+        if args.max_think is not None:
+            forced = ForcedExit.build(tokenizer.encode(FORCED_TEXT), token_byte_table(tokenizer, vocab), vocab)
+        return Sampler(cfg, scfg, forced), params
+    except ValueError as e:  # bad decoding options, or a tokenizer whose ids do not fit the model
+        raise cs.ChatError(str(e)) from None
+
+
+COMMANDS["sample"] = ("generate from a checkpoint: chat prompts (text + images), greedy or sampled, forced exit",
+                      _sample_args, _sample)
+
+
+# ----------------------------------------------------------------------------- eval
+
+EVAL_EPILOG = """\
+Runs the benchmarks of the config's `eval` section (xr_jax.evaluation.EvalSection) on the model of
+`model.path` (a Hugging Face or xr_jax checkpoint; its tokenizer is the checkpoint's own) on the
+`mesh.shape` mesh, with the paper's protocol: its prompt templates, greedy decoding (or eval.protocol=sampling
+for avg/maj/pass@k), responses capped at eval.max_tokens with forced exit. A progress bar per benchmark;
+at the end the table is printed and eval.output_dir gets predictions.jsonl (every response with what
+scoring needs), results.json and results.md.
+
+--rescore PRED.jsonl scores a saved predictions file again (no model is loaded) and writes the new
+outputs to eval.output_dir.
+
+Examples:
+  xr-jax eval --config configs/eval_paper.yaml model.path=ckpt/X-Reasoner-7B
+  xr-jax eval --config configs/eval_paper.yaml model.path=ckpt eval.benchmarks=[gsm8k,mmmu_val] mesh.shape=[8,1,1]
+  xr-jax eval --rescore eval_out/predictions.jsonl eval.output_dir=eval_rescored
+"""
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EVAL_EPILOG
+    p.add_argument("--config", help="YAML config file with an `eval` section (see configs/eval_paper.yaml)")
+    p.add_argument("--rescore", metavar="PRED.jsonl", help="re-score a predictions file instead of generating")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. model.path=DIR eval.benchmarks=[gsm8k]")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import dataclasses
+    import logging
+    import os
+
+    from xr_jax import config as config_lib
+    from xr_jax import evaluation
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    config = config_lib.load(args.config, args.overrides, validate=False).validate(training=False)
+    if args.rescore is not None:
+        config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, rescore=args.rescore))
+    try:
+        config.eval.validate()
+    except (ValueError, KeyError) as e:  # bad eval values; KeyError: an unknown benchmark name
+        raise config_lib.ConfigError(e.args[0] if e.args else str(e)) from None
+    if config.eval.rescore is not None:
+        if not os.path.isfile(config.eval.rescore):
+            raise FileNotFoundError(f"predictions file {config.eval.rescore!r} does not exist")
+    elif not config.model.path:
+        raise config_lib.ConfigError("set model.path=CHECKPOINT_DIR (or give --rescore PRED.jsonl)")
+    else:
+        print(f"loading {config.model.path}", file=sys.stderr)
+    evaluation.main(config)
+
+
+COMMANDS["eval"] = ("benchmark a checkpoint with the paper's protocol (`--config FILE key.sub=value ...`)",
+                    _eval_args, _eval)
+
+
+# ----------------------------------------------------------------------------- plot
+
+PLOT_EPILOG = """\
+Reads RUN_DIR/metrics.jsonl of each run (the training log: one JSON object per line with "step" and the
+metrics), draws one subplot per metric with one line per run, and saves a PNG. Default metrics: all that
+any run logged. For a step logged twice (a resumed run), the last line counts.
+
+Examples:
+  xr-jax plot runs/sft
+  xr-jax plot runs/grpo_a runs/grpo_b --metrics loss,reward_mean,response_length --out grpo.png
+"""
+
+
+def _plot_args(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = PLOT_EPILOG
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run directories (logging.dir)")
+    p.add_argument("--metrics", help="comma-separated metric names (default: every metric logged)")
+    p.add_argument("--out", default="curves.png", help="output PNG (default curves.png)")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from xr_jax import plot
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    drawn = plot.plot_runs(args.runs, metrics, args.out)
+    print(f"wrote {args.out} ({len(drawn)} metrics: {', '.join(drawn)})")
+
+
+COMMANDS["plot"] = ("training curves of one or more runs (metrics.jsonl) as a PNG", _plot_args, _plot)
+
+
 def _plan_args(p: argparse.ArgumentParser) -> None:
     from xr_jax import plan
 
@@ -75,12 +294,16 @@ COMMANDS["plan"] = ("per-device memory and FLOPs of a run on N devices, from a s
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean a user mistake (bad path, config, checkpoint, mesh): one line, exit 2."""
+    from xr_jax.chat_sampling import ChatError
     from xr_jax.config import ConfigError
+    from xr_jax.data.images import ImageError
     from xr_jax.models.hf import CheckpointError
     from xr_jax.parallel import MeshError
     from xr_jax.plan import PlanError
+    from xr_jax.plot import MetricsError
 
-    return (CheckpointError, ConfigError, MeshError, PlanError, FileNotFoundError)
+    return (CheckpointError, ConfigError, MeshError, FileNotFoundError, ChatError, ImageError, MetricsError,
+            PlanError)
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,9 @@ import types
 import typing
 from typing import Any, Optional, Sequence, Union
 
+from xr_jax.data.synthetic import SyntheticConfig
+from xr_jax.evaluation import EvalSection
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the typed tree; the message names the dotted key."""
@@ -46,11 +49,13 @@ class MeshSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    """source: "random" (built-in deterministic token batches, for smoke tests and benches) or a dataset
-    name/path read by the data pipeline. pack: first-fit packing of examples into rows."""
+    """source: "random" (built-in deterministic token batches, for smoke tests and benches), "synthetic" (the
+    built-in arithmetic task, `synthetic` sets it up) or a `sources` format name read from `path`. pack:
+    first-fit packing of examples into rows (text only)."""
 
     source: str = "random"
     path: Optional[str] = None
+    synthetic: SyntheticConfig = SyntheticConfig()
     split: str = "train"
     pack: bool = True
     shuffle: bool = True
@@ -62,11 +67,13 @@ class OptimSection:
     """AdamW. Defaults are the paper's SFT: lr 1e-5, betas (0.9, 0.999), no weight decay, lr x0.8 per epoch.
 
     schedule: "step_decay" (x `decay_per_epoch` each epoch), "cosine" or "linear" (to `min_lr_ratio` * lr
-    at the last step), or "constant"; all after `warmup_steps` of linear warmup. clip: global-norm
+    at the last step), or "constant"; all after `warmup_steps` of linear warmup (or `warmup_ratio` of the
+    run's steps when warmup_steps is 0: the paper's GRPO warms up over 10%). clip: global-norm
     clipping threshold (0 disables).
     """
 
     lr: float = 1e-5
+    warmup_ratio: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
@@ -85,7 +92,8 @@ class TrainSection:
     trains on text only; the vision tower then gets no gradient and no optimizer state. loss_chunk:
     tokens per chunk of the chunked cross-entropy. nan_patience: stop (with a checkpoint) after this many
     non-finite steps in a row. peak_flops: per-device peak FLOP/s for MFU (None: a per-backend default,
-    an estimate on CPU)."""
+    an estimate on CPU). export_dir: write the final params there as an xr_jax model checkpoint (usable as
+    the next stage's `model.path`, by `xr-jax sample` and by `xr-jax convert --from`)."""
 
     steps: Optional[int] = None
     epochs: Optional[int] = None
@@ -99,6 +107,7 @@ class TrainSection:
     loss_chunk: int = 1024
     nan_patience: int = 5
     peak_flops: Optional[float] = None
+    export_dir: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +146,54 @@ class DistributedSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class GRPOSection:
+    """Stage 2 (GRPO with verifiable rewards). `train.batch_size` is the number of PROMPTS per rollout step
+    (paper: 128); each gets `group_size` samples (paper: 8). Defaults are the paper's where it gives them
+    (reference/x_reasoner_recipe.md §4) and the project's documented choices elsewhere.
+
+    The prompts come from `data.source` / `data.path` (e.g. "orz_math", or "synthetic").
+    max_prompt_len / max_new_tokens: prompt budget (longer prompts are dropped and counted) and response
+      length (paper: 4096). forced_exit: use the thinking budget `max_think` + `max_answer` in rollouts
+      (paper: off in RL); mask_forced: keep forced-exit tokens out of the loss.
+    reward: the reward function's registered name; format_weight: adds weight x the `format` reward.
+    advantage: "grpo" ((r - mean) / (std + eps), unbiased std) or "dr_grpo" (r - mean).
+    clip_low / clip_high / dual_clip / loss_agg / kl_coef / kl_type / entropy_coef: `GRPOLossConfig`;
+      kl_coef 0 loads no reference model at all.
+    minibatches: optimizer steps per rollout batch (1 = the paper's literal reading); update_passes: passes
+      over the rollout batch; microbatches: gradient accumulation inside each optimizer step.
+    old_logprobs: "sampler" (pi_old = the rollout's log-probs) or "recompute" (a training forward first).
+    sampler_dtype: sample with a copy of the params in this dtype (None: the params as they are).
+    """
+
+    group_size: int = 8
+    temperature: float = 1.0
+    max_prompt_len: int = 1024
+    max_new_tokens: int = 4096
+    forced_exit: bool = False
+    max_think: int = 3840
+    max_answer: int = 256
+    mask_forced: bool = True
+    reward: str = "math"
+    format_weight: float = 0.0
+    reward_timeout: float = 5.0
+    reward_workers: Optional[int] = None
+    advantage: str = "grpo"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: Optional[float] = None
+    loss_agg: str = "token-mean"
+    kl_coef: float = 0.01
+    kl_type: str = "k3"
+    entropy_coef: float = 0.0
+    minibatches: int = 1
+    update_passes: int = 1
+    microbatches: int = 1
+    old_logprobs: str = "sampler"
+    sampler_dtype: Optional[str] = None
+    prompt_template: str = "x_reasoner_train"
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The root of a run's configuration; stages add their own sections here."""
 
@@ -148,9 +205,12 @@ class Config:
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
     distributed: DistributedSection = DistributedSection()
+    grpo: GRPOSection = GRPOSection()
+    eval: EvalSection = EvalSection()
 
-    def validate(self) -> "Config":
-        """Cross-field checks that the types alone cannot express."""
+    def validate(self, training: bool = True) -> "Config":
+        """Cross-field checks that the types alone cannot express; training=False (evaluation, sampling)
+        skips those only a training run needs (its length)."""
         choices = {
             "optim.schedule": (self.optim.schedule, ("step_decay", "cosine", "linear", "constant")),
             "distributed.initialize": (self.distributed.initialize, ("auto", "always", "never")),
@@ -158,6 +218,8 @@ class Config:
             "model.param_dtype": (self.model.param_dtype, ("float32", "bfloat16", "float16")),
             "model.remat": (self.model.remat, ("none", "full", "dots")),
             "model.attention": (self.model.attention, ("auto", "einsum", "cudnn")),
+            "grpo.advantage": (self.grpo.advantage, ("grpo", "dr_grpo")),
+            "grpo.old_logprobs": (self.grpo.old_logprobs, ("sampler", "recompute")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -167,6 +229,9 @@ class Config:
             "train.seq_len": self.train.seq_len, "train.loss_chunk": self.train.loss_chunk,
             "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep,
             "logging.every": self.logging.every, "train.nan_patience": self.train.nan_patience,
+            "grpo.group_size": self.grpo.group_size, "grpo.max_new_tokens": self.grpo.max_new_tokens,
+            "grpo.minibatches": self.grpo.minibatches, "grpo.update_passes": self.grpo.update_passes,
+            "grpo.microbatches": self.grpo.microbatches, "grpo.max_prompt_len": self.grpo.max_prompt_len,
         }
         for key, value in positive.items():
             if value < 1:
@@ -176,7 +241,7 @@ class Config:
                 f"train.batch_size {self.train.batch_size} is not divisible by train.microbatches "
                 f"{self.train.microbatches}; choose a batch size that is a multiple of the microbatch count"
             )
-        if self.train.steps is None and (self.train.epochs is None or self.train.steps_per_epoch is None):
+        if training and self.train.steps is None and (self.train.epochs is None or self.train.steps_per_epoch is None):
             raise ConfigError("set train.steps, or both train.epochs and train.steps_per_epoch")
         return self
 
@@ -294,8 +359,9 @@ def apply_override(tree: dict, override: str) -> None:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({e})") from None
 
 
-def load(path: Optional[str] = None, overrides: Sequence[str] = (), cls=Config):
-    """YAML file (optional) + overrides -> a validated `cls` instance."""
+def load(path: Optional[str] = None, overrides: Sequence[str] = (), cls=Config, validate: bool = True):
+    """YAML file (optional) + overrides -> a `cls` instance, validated unless `validate` is False (the caller
+    then calls `validate(...)` itself, e.g. `Config.validate(training=False)`)."""
     tree: dict = {}
     if path is not None:
         import yaml
@@ -307,4 +373,4 @@ def load(path: Optional[str] = None, overrides: Sequence[str] = (), cls=Config):
     for override in overrides:
         apply_override(tree, override)
     cfg = from_dict(cls, tree)
-    return cfg.validate() if hasattr(cfg, "validate") else cfg
+    return cfg.validate() if validate and hasattr(cfg, "validate") else cfg

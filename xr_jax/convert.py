@@ -68,19 +68,20 @@ def _with_shardings(tree, shardings, prefix=()):
     }
 
 
-def load_any(path: str, mesh=None, dtype: Optional[str] = None, **runtime) -> tuple[ModelConfig, dict]:
-    """A HF directory or an xr_jax checkpoint -> (config, params)."""
+def load_any(path: str, mesh=None, cast: Optional[str] = None, **runtime) -> tuple[ModelConfig, dict]:
+    """A HF directory or an xr_jax checkpoint -> (config, params); `cast` converts the params' dtype and
+    `runtime` sets ModelConfig's runtime fields (compute dtype, scan, remat, attention)."""
     if is_model_checkpoint(path):
         cfg, params = load_model(path, mesh, **runtime)
-        if dtype:
-            params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+        if cast:
+            params = jax.tree_util.tree_map(lambda x: x.astype(cast), params)
         return cfg, params
     shardings = parallel.path_shardings(hf.read_config(path, **runtime), mesh) if mesh is not None else None
-    return hf.load_hf(path, dtype=dtype, shardings=shardings, **runtime)
+    return hf.load_hf(path, dtype=cast, shardings=shardings, **runtime)
 
 
 def hf_to_xr(hf_dir: str, out_dir: str, dtype: Optional[str] = None, mesh=None) -> ModelConfig:
-    cfg, params = load_any(hf_dir, mesh=mesh, dtype=dtype)
+    cfg, params = load_any(hf_dir, mesh=mesh, cast=dtype)
     save_model(out_dir, cfg, params, assets_from=hf_dir)
     return cfg
 

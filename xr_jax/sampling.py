@@ -8,8 +8,11 @@ patch bucket, config): prompts are left-padded to a length bucket, the cache hol
 Forced exit (X-Reasoner §2.1 / s1 budget forcing): with `max_think = k`, a row that has not produced
 the exit pattern (`</think>`, matched on decoded bytes by `byte_match`) within its first k tokens
 gets the exit ids written at columns k .. k+E-1 (fed through the model, marked `forced`), then up to
-`max_answer` more sampled tokens. Every row's output is bounded by `k + E + max_answer`, so a row
-that closed `</think>` itself samples exactly what it would without forced exit.
+`max_answer` more sampled tokens. The match runs over generated tokens only (the prompt's own
+`<think> </think>` instructions do not count). A row whose own `</think>` is cut by the budget (say
+'</' 'think' at k-2, k-1) has not closed, so it gets the whole exit text after it, as s1's append
+does. Every row's output is bounded by `k + E + max_answer`, so a row that closed `</think>` itself
+samples exactly what it would without forced exit.
 
 Typical use:
 

@@ -89,17 +89,28 @@ class RowStats:
         return f"{self.examples} examples used, {self.truncated} truncated, skipped: {skipped or 'none'}"
 
 
+class UnusableData(ValueError):
+    """Every row of a whole pass was skipped: repeating the data would loop forever."""
+
+
 class _SkipIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, stats: RowStats, pipeline: str):
+    def __init__(self, parent: grain.DatasetIterator, stats: RowStats, pipeline: str, pass_rows: Optional[int]):
         super().__init__(parent)
         self.stats = stats
         self._pipeline = pipeline
+        self._pass_rows = pass_rows
 
     def __next__(self):
+        streak = 0
         while True:
             item = next(self._parent)
             if isinstance(item, Skipped):
                 self.stats.record_skip(item, self._pipeline)
+                streak += 1
+                if self._pass_rows and streak >= self._pass_rows:
+                    raise UnusableData(
+                        f"{self._pipeline}: all {streak} rows of a whole pass were skipped ({self.stats.summary()}); "
+                        "fix the data or the settings (e.g. a prompt budget too small for the template)")
                 continue
             self.stats.examples += 1
             self.stats.truncated += int(item.pop("truncated", False))
@@ -114,16 +125,20 @@ class _SkipIterator(grain.DatasetIterator):
 
 
 class _SkipBadRows(grain.IterDataset):
-    """Drops `Skipped` markers, counting them; the `RowStats` of the latest iterator is `self.stats`."""
+    """Drops `Skipped` markers, counting them; the `RowStats` of the latest iterator is `self.stats`.
 
-    def __init__(self, parent: grain.IterDataset, pipeline: str):
+    With `pass_rows` (data repeated forever), a whole pass of skipped rows raises `UnusableData` instead of
+    looping forever."""
+
+    def __init__(self, parent: grain.IterDataset, pipeline: str, pass_rows: Optional[int]):
         super().__init__(parent)
         self._pipeline = pipeline
+        self._pass_rows = pass_rows
         self.stats = RowStats()
 
     def __iter__(self) -> grain.DatasetIterator:
         self.stats = RowStats()
-        return _SkipIterator(self._parent.__iter__(), self.stats, self._pipeline)
+        return _SkipIterator(self._parent.__iter__(), self.stats, self._pipeline, self._pass_rows)
 
 
 @dataclasses.dataclass
@@ -325,10 +340,11 @@ def sft_pipeline(
     if config.pack and source.has_images:
         raise ValueError(f"source {source.name!r} has images: packing is text-only, use pack=False")
     ds = _indices(len(source), process_index, process_count, trim=True)
+    pass_rows = len(ds)
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
     ds = ds.repeat(config.num_epochs).map(_reader(source, lambda ex: encode_sft(ex, tokenizer, config)))
-    skip = _SkipBadRows(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads)), "sft")
+    skip = _SkipBadRows(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads)), "sft", pass_rows if config.num_epochs is None else None)
     pad_id = tokenizer.special.pad
     if config.pack:
         features = ("input_ids", "targets", "loss_mask")
@@ -423,10 +439,11 @@ def rl_pipeline(
     process_index, process_count = _process(process_index, process_count)
     local_batch = _local_batch_size(config.batch_size, process_count)
     ds = _indices(len(source), process_index, process_count, trim=True)
+    pass_rows = len(ds)
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
     ds = ds.repeat(config.num_epochs).map(_reader(source, lambda ex: encode_prompt(ex, tokenizer, config)))
-    skip = _SkipBadRows(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads)), "rl")
+    skip = _SkipBadRows(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads)), "rl", pass_rows if config.num_epochs is None else None)
     batch_fn = _prompt_batch_fn(config.max_prompt_len, tokenizer.special.pad)
     return Pipeline(skip.batch(local_batch, drop_remainder=True, batch_fn=batch_fn), skip)
 
@@ -441,6 +458,6 @@ def eval_pipeline(
     local_batch = _local_batch_size(config.batch_size, process_count)
     ds = _indices(len(source), process_index, process_count, trim=False)
     ds = ds.map(_reader(source, lambda ex: encode_prompt(ex, tokenizer, config)))
-    skip = _SkipBadRows(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads)), "eval")
+    skip = _SkipBadRows(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads)), "eval", None)
     batch_fn = _prompt_batch_fn(config.max_prompt_len, tokenizer.special.pad, batch_size=local_batch)
     return Pipeline(skip.batch(local_batch, drop_remainder=False, batch_fn=batch_fn), skip)

@@ -79,7 +79,11 @@ class Qwen2_5_VL(nn.Module):
 
 
 def check_image_tokens(input_ids: np.ndarray, image_grid_thw: Optional[np.ndarray], cfg: ModelConfig) -> None:
-    """Raise the transformers error, with both counts, when image tokens and features differ."""
+    """Raise the transformers error, with both counts, when image tokens and features differ.
+
+    A text-only model has no image tokens: its `image_token_id` is an ordinary token there."""
+    if cfg.vision is None and (image_grid_thw is None or not len(image_grid_thw)):
+        return
     tokens = int((np.asarray(input_ids) == cfg.image_token_id).sum())
     feats = 0
     if image_grid_thw is not None and len(image_grid_thw):

@@ -35,10 +35,12 @@ def _from_chunks(x: jax.Array, t: int) -> jax.Array:
 
 def target_logprobs_and_lse(
     hidden: jax.Array, targets: jax.Array, head_fn: HeadFn, temperature: float = 1.0, chunk: int = 1024,
-) -> tuple[jax.Array, jax.Array]:
-    """(log p(targets), logsumexp of the scaled logits), both fp32 [B, T], from hidden [B, T, D].
+    with_entropy: bool = False,
+) -> tuple[jax.Array, ...]:
+    """(log p(targets), logsumexp of the scaled logits[, entropy]), fp32 [B, T] each, from hidden [B, T, D].
 
-    logits = head_fn(hidden) / temperature, upcast to fp32 before the softmax statistics.
+    logits = head_fn(hidden) / temperature, upcast to fp32 before the softmax statistics; the entropy
+    (of softmax(logits / temperature)) is only computed when asked, as it costs one more vocab pass.
     """
     t = hidden.shape[1]
     chunk = min(chunk, t)
@@ -51,10 +53,13 @@ def target_logprobs_and_lse(
         # select by comparison rather than a gather: stays local when the vocab axis is sharded
         vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
         picked = jnp.sum(jnp.where(vocab == tgt[..., None], logits, 0.0), axis=-1)
-        return picked - lse, lse
+        if not with_entropy:
+            return picked - lse, lse
+        probs = jnp.exp(logits - lse[..., None])
+        return picked - lse, lse, lse - jnp.sum(probs * logits, axis=-1)
 
-    logp, lse = jax.lax.map(one, (_to_chunks(hidden, chunk), _to_chunks(targets, chunk)))
-    return _from_chunks(logp, t), _from_chunks(lse, t)
+    out = jax.lax.map(one, (_to_chunks(hidden, chunk), _to_chunks(targets, chunk)))
+    return tuple(_from_chunks(x, t) for x in out)
 
 
 def token_logprobs(

@@ -63,24 +63,28 @@ def split_microbatches(batch: dict, n: int, mesh: Mesh | None = None) -> dict:
 
 
 def compute_grads(loss_fn, params, batch: dict, microbatches: int = 1, mesh: Mesh | None = None, grad_shardings=None):
-    """(grads, ce_sum, z_sum, count) of `loss_fn` over the batch, accumulated over microbatches in a scan."""
+    """(grads, aux, count) of `loss_fn(params, batch, count) -> (objective, aux)`, accumulated over
+    microbatches in a scan; `aux` (any pytree of sums) is summed too. `count` = loss tokens of the whole batch."""
     count = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if microbatches == 1:
-        grads, (ce, z) = grad_fn(params, batch, count)
-        return grads, ce, z, count
+        grads, aux = grad_fn(params, batch, count)
+        return grads, aux, count
+
+    add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)  # noqa: E731
 
     def body(carry, mb):
-        acc, ce_acc, z_acc = carry
-        g, (ce, z) = grad_fn(params, mb, count)
-        return (jax.tree_util.tree_map(jnp.add, acc, g), ce_acc + ce, z_acc + z), None
+        g, aux = grad_fn(params, mb, count)
+        return add(carry, (g, aux)), None
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     if grad_shardings is not None:
         zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, ce, z), _ = jax.lax.scan(body, init, split_microbatches(batch, microbatches, mesh))
-    return grads, ce, z, count
+    mbs = split_microbatches(batch, microbatches, mesh)
+    aux_zeros = jax.tree_util.tree_map(
+        jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], mbs), count)[1]))
+    (grads, aux), _ = jax.lax.scan(body, (zeros, aux_zeros), mbs)
+    return grads, aux, count
 
 
 def _schedule_count(opt_state) -> jax.Array:
@@ -103,7 +107,7 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict):
         batch = {k: batch[k] for k in BATCH_KEYS}
-        grads, ce, z, count = compute_grads(
+        grads, (ce, z), count = compute_grads(
             loss_fn, state.params, batch, microbatches, mesh, None if shardings is None else shardings.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -150,20 +154,26 @@ def check_batch_layout(batch_size: int, microbatches: int, mesh: Mesh, process_c
             f"train.batch_size {batch_size} is not divisible by {process_count} processes")
 
 
-def build_model(config, mesh: Mesh, vocab_size: int | None = None):
+def build_model(config, mesh: Mesh, tokenizer=None):
     """(ModelConfig, params or None): from `model.path` (HF or xr_jax checkpoint, loaded straight onto the
-    mesh) or a random-init preset, whose vocabulary is `model.vocab_size`, else the tokenizer's."""
+    mesh) or a random-init preset, whose vocabulary is `model.vocab_size`, else the tokenizer's, and whose
+    image/vision token ids are the tokenizer's."""
     m = config.model
     runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
                    attention=m.attention)
     if m.path is not None:
         from xr_jax import convert
 
-        return convert.load_any(m.path, mesh=mesh, dtype=m.param_dtype, **runtime)
+        return convert.load_any(m.path, mesh=mesh, cast=m.param_dtype, **runtime)
     cfg = presets.preset(m.preset, **runtime)
-    vocab = m.vocab_size or vocab_size
+    vocab = m.vocab_size or (tokenizer.vocab_size if tokenizer is not None else None)
     if vocab is not None:
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab))
+    if tokenizer is not None:
+        sp = tokenizer.special
+        cfg = cfg.replace(image_token_id=sp.image_pad, video_token_id=sp.video_pad,
+                          vision_start_token_id=sp.vision_start, vision_end_token_id=sp.vision_end,
+                          text=dataclasses.replace(cfg.text, eos_token_id=sp.im_end, bos_token_id=sp.pad))
     return cfg, None
 
 
@@ -187,17 +197,37 @@ def make_batches(config, model_cfg: ModelConfig, tokenizer=None):
 
         return RandomTokenBatches(tr.batch_size, tr.seq_len, model_cfg.text.vocab_size, seed=tr.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count())
-    from xr_jax.data import pipeline, sources
+    from xr_jax.data import pipeline
 
-    if d.path is None:
-        raise ValueError(f"data.source {d.source!r} needs data.path (a file, directory or hub id)")
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
                          f"{model_cfg.text.vocab_size}; use a matching tokenizer or set model.vocab_size")
-    source = sources.load_source(d.path, d.source, split=d.split)
+    source = make_source(config)
     data_cfg = pipeline.SFTConfig(max_len=tr.seq_len, batch_size=tr.batch_size, pack=d.pack, seed=tr.seed,
                                   shuffle=d.shuffle, num_epochs=None)
     return iter(pipeline.sft_pipeline(source, tokenizer, data_cfg))
+
+
+def export_final(config, model_cfg: ModelConfig, params) -> None:
+    """Save the final params as an xr_jax model checkpoint when `train.export_dir` is set."""
+    if config.train.export_dir is not None:
+        from xr_jax import convert
+
+        assets = config.model.path if config.model.path and not convert.is_model_checkpoint(config.model.path) else None
+        convert.save_model(config.train.export_dir, model_cfg, params, assets_from=assets)
+
+
+def make_source(config):
+    """The examples named by `data.source`: the synthetic task, or a `sources` format read from `data.path`."""
+    from xr_jax.data import sources
+    from xr_jax.data.synthetic import synthetic_source
+
+    d = config.data
+    if d.source == "synthetic":
+        return synthetic_source(d.synthetic)
+    if d.path is None:
+        raise ValueError(f"data.source {d.source!r} needs data.path (a file, directory or hub id)")
+    return sources.load_source(d.path, d.source, split=d.split)
 
 
 def main(config) -> dict:
@@ -211,7 +241,7 @@ def main(config) -> dict:
     parallel.initialize_distributed(d.initialize, d.coordinator, d.num_processes, d.process_id)
     mesh = parallel.make_mesh(config.mesh.shape)
     tokenizer = load_tokenizer(config)
-    model_cfg, loaded = build_model(config, mesh, None if tokenizer is None else tokenizer.vocab_size)
+    model_cfg, loaded = build_model(config, mesh, tokenizer)
     parallel.check_model_fits_mesh(model_cfg, mesh)
     tr = config.train
     check_batch_layout(tr.batch_size, tr.microbatches, mesh, jax.process_count())
@@ -262,4 +292,5 @@ def main(config) -> dict:
         logger.close()
         if checkpointer is not None:
             checkpointer.close()
+    export_final(config, model_cfg, result.state.params)
     return result.last or {}

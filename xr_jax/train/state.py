@@ -40,7 +40,7 @@ def make_schedule(optim: OptimSection, total_steps: int, steps_per_epoch: Option
     "step_decay" is the paper's SFT schedule: lr x `decay_per_epoch` after every epoch (`steps_per_epoch`
     optimizer steps; without it, the whole run is one epoch).
     """
-    warmup = optim.warmup_steps
+    warmup = optim.warmup_steps or int(optim.warmup_ratio * total_steps)
     end = optim.lr * optim.min_lr_ratio
     if optim.schedule == "step_decay":
         every = max(1, steps_per_epoch or total_steps)

@@ -1,0 +1,112 @@
+"""The real evaluation `Generator`: chat template and image preprocessing, then the jitted sampler.
+
+A prompt becomes the Qwen2.5-VL chat (default system message, then the user turn with its images first,
+as in the X-Reasoner model card), `<|image_pad|>` runs expanded to each image's patch count, and token
+ids. Generation runs on the mesh through `xr_jax.sampling.Sampler` with forced exit (`</think>` written
+at the thinking budget); one sampler (and one compiled program per shape bucket) is kept per sampling
+configuration, so a suite of benchmarks compiles once per prompt-length bucket.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from xr_jax.evaluation import EvalPrompt, Generation
+
+FORCED_TEXT = "</think>"
+
+
+def token_byte_table(tokenizer, vocab_size: int) -> list[bytes]:
+    """Each model-vocabulary id's bytes (b"" for padded ids the tokenizer does not have)."""
+    table = []
+    for i in range(vocab_size):
+        try:
+            table.append(tokenizer.token_bytes(i))
+        except (KeyError, ValueError, IndexError):
+            table.append(b"")
+    return table
+
+
+class ModelGenerator:
+    """`Generator` over a Qwen2.5-VL model: `params` placed on `mesh` (or host arrays without one)."""
+
+    def __init__(self, model_cfg, params, tokenizer, *, mesh=None, image_config=None, system: Optional[str] = None,
+                 forced_text: str = FORCED_TEXT):
+        from xr_jax.data.images import ImageConfig
+        from xr_jax.sampling import ForcedExit
+
+        self.model_cfg, self.params, self.tokenizer, self.mesh = model_cfg, params, tokenizer, mesh
+        self.image_config = image_config or ImageConfig()
+        self.system = system
+        vocab = model_cfg.text.vocab_size
+        self.forced_exit = ForcedExit.build(tokenizer.encode(forced_text), token_byte_table(tokenizer, vocab), vocab)
+        self._samplers: dict[Any, Any] = {}
+
+    @property
+    def exit_len(self) -> int:
+        return len(self.forced_exit.ids)
+
+    def encode(self, prompt: EvalPrompt):
+        from xr_jax.chat_sampling import encode_chat
+        from xr_jax.data import templates
+
+        messages = templates.build_messages(prompt.text, n_images=len(prompt.images), system=self.system)
+        return encode_chat(self.tokenizer, messages, prompt.images, self.image_config, prompt.id)
+
+    def _sampler(self, scfg):
+        from xr_jax.sampling import Sampler
+
+        if scfg not in self._samplers:
+            forced = self.forced_exit if scfg.max_think is not None else None
+            self._samplers[scfg] = Sampler(self.model_cfg, scfg, forced, mesh=self.mesh)
+        return self._samplers[scfg]
+
+    def generate(
+        self, prompts: Sequence[EvalPrompt], *, greedy: bool, temperature: float, num_samples: int,
+        max_think: Optional[int], max_answer: int, max_new_tokens: int, seed: int,
+    ) -> list[list[Generation]]:
+        from xr_jax.sampling import SamplingConfig
+
+        special = self.tokenizer.special
+        scfg = SamplingConfig(
+            temperature=0.0 if greedy else temperature, max_new_tokens=max_new_tokens, max_think=max_think,
+            max_answer=max_answer, stop_ids=tuple(special.stop_ids), pad_id=special.pad,
+        )
+        encoded = [self.encode(p) for p in prompts]
+        # Rows are sharded over the mesh's batch axes: pad with copies of the last prompt, drop their outputs.
+        shards = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        while len(encoded) * num_samples % shards:
+            encoded.append(encoded[-1])
+        out = self._sampler(scfg).generate(self.params, encoded, rng=seed, group_size=num_samples)
+        names = out.finish_names()
+        gens = [
+            Generation(self.tokenizer.decode(out.row_ids(r), skip_special_tokens=True), int(out.lengths[r]),
+                       names[r], bool(np.asarray(out.forced[r]).any()))
+            for r in range(len(prompts) * num_samples)
+        ]
+        return [gens[p * num_samples:(p + 1) * num_samples] for p in range(len(prompts))]
+
+    @classmethod
+    def from_config(cls, config) -> "ModelGenerator":
+        """The model of `config.model.path` (a HF directory or an xr_jax checkpoint) on `config.mesh`'s mesh.
+
+        The tokenizer comes from the checkpoint (its `assets/` folder for an xr_jax checkpoint).
+        """
+        import os
+
+        from xr_jax import convert, parallel
+        from xr_jax.data.tokenizer import load_tokenizer
+
+        m = config.model
+        if not getattr(m, "path", None):
+            raise ValueError("set model.path to the checkpoint directory to evaluate")
+        mesh = parallel.make_mesh(tuple(config.mesh.shape))
+        runtime = {k: getattr(m, k) for k in ("scan_layers", "remat", "attention") if hasattr(m, k)}
+        model_cfg, params = convert.load_any(m.path, mesh, cast=getattr(m, "param_dtype", None), **runtime)
+        if hasattr(m, "dtype"):
+            model_cfg = model_cfg.replace(dtype=m.dtype)
+        assets = os.path.join(m.path, convert.ASSETS_DIR)
+        tokenizer = load_tokenizer(assets if convert.is_model_checkpoint(m.path) else m.path)
+        return cls(model_cfg, params, tokenizer, mesh=mesh)

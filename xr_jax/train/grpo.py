@@ -1,0 +1,387 @@
+"""GRPO (stage 2 of the recipe): rollout -> reward -> group advantages -> clipped policy-gradient updates.
+
+One rollout step, for a batch of prompts:
+  1. the sampler draws `group_size` responses per prompt (prompt prefilled once per group), returning the
+     tokens, their log-probs at the sampling temperature and the forced-exit mask;
+  2. the reward functions score the decoded responses in a killable worker pool (timeouts score 0);
+  3. advantages are normalised within each group;
+  4. reference log-probs come from the frozen initial policy when `kl_coef` > 0;
+  5. `minibatches` x `update_passes` optimizer steps run the jitted update on prompt + response rows,
+     with pi_old = the rollout's log-probs (or a recomputed training forward).
+Everything random derives from `state.rng`, and the data position lives in the checkpoint, so a resumed
+run continues exactly. The loop (checkpoints, preemption, NaN guard, logging) is the SFT one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from xr_jax import parallel
+from xr_jax.models.config import ModelConfig
+from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
+from xr_jax.sampling import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig, cast_params, prepare_prompts
+from xr_jax.train.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
+from xr_jax.train.losses import target_logprobs_and_lse
+from xr_jax.train.sft import _schedule_count, compute_grads, split_microbatches
+from xr_jax.train.state import TrainState
+
+UPDATE_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask", "old_logp", "ref_logp", "adv")
+
+
+def loss_config(g) -> GRPOLossConfig:
+    """`GRPOLossConfig` from the config's `grpo` section (it validates the values, naming the key)."""
+    return GRPOLossConfig(
+        clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip, agg=g.loss_agg, kl_coef=g.kl_coef,
+        kl_type=g.kl_type, entropy_coef=g.entropy_coef,
+        dr_grpo_max_len=g.max_new_tokens if g.loss_agg == "dr-grpo" else None,
+    )
+
+
+# ----------------------------------------------------------------------------- the jitted pieces
+
+
+def response_logprobs(model_cfg: ModelConfig, params, batch: dict, temperature: float, prompt_len: int,
+                      chunk: int = 1024, with_entropy: bool = False):
+    """Per-token log-probs [N, T] (and entropies) of the response part of prompt + response rows.
+
+    Row layout: `prompt_len` left-padded prompt slots, then T response slots; the log-prob of response
+    token k comes from position prompt_len - 1 + k. Computed in chunks (no [tokens, vocab] buffer).
+    """
+    model = Qwen2_5_VL(model_cfg)
+    hidden, _ = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"],
+                            return_hidden=True)
+    hidden = hidden[:, prompt_len - 1: -1]
+    head = lambda h: model.apply({"params": params}, h, method="logits")  # noqa: E731
+    out = target_logprobs_and_lse(hidden, batch["targets"], head, temperature, chunk, with_entropy)
+    return (out[0], out[2]) if with_entropy else out[0]
+
+
+def make_update_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, schedule, lcfg: GRPOLossConfig, *,
+                     temperature: float, prompt_len: int, microbatches: int = 1, chunk: int = 1024,
+                     frozen: tuple[str, ...] = (), mesh: Optional[Mesh] = None) -> Callable:
+    """The pure update `(state, rows) -> (state, metrics)` on one minibatch of rollout rows.
+
+    The token-mean normaliser is the minibatch's loss-token count (all microbatches and devices); sequence
+    modes use its number of rows with loss tokens. Metrics are token-weighted means over the minibatch.
+    """
+    want_entropy = True  # entropy is always logged (one more vocab reduction per chunk)
+
+    def loss_fn(params, rows, count):
+        params = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
+        logp, entropy = response_logprobs(model_cfg, params, rows, temperature, prompt_len, chunk, want_entropy)
+        mask = rows["loss_mask"]
+        loss, m = grpo_loss(
+            logp, rows["old_logp"], rows["adv"], mask, lcfg,
+            ref_logp=rows["ref_logp"] if lcfg.kl_coef > 0 else None, entropy=entropy,
+            **({"global_tokens": count} if lcfg.agg == "token-mean" else {"global_seqs": rows["num_seqs"][0]}),
+        )
+        n = jnp.sum(mask)
+        weighted = {k: v * n for k, v in m.items() if k not in ("ratio_min", "ratio_max", "num_loss_tokens")}
+        return loss, (loss, weighted)
+
+    def step(state: TrainState, rows: dict):
+        grads, (loss, weighted), count = compute_grads(loss_fn, state.params, rows, microbatches, mesh)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        # state.step counts rollout steps (the loop's unit); the optimizer's own count drives the schedule
+        new_state = TrainState(step=state.step, params=keep(params, state.params),
+                               opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+        metrics = {k: v / count for k, v in weighted.items()}
+        metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(_schedule_count(state.opt_state)),
+                       skipped=(~ok).astype(jnp.int32), loss_tokens=count)
+        return new_state, metrics
+
+    return step
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def token_bytes_table(tokenizer, vocab_size: int) -> list[bytes]:
+    """Bytes of every model id (embedding rows the tokenizer never produces decode to b"")."""
+    return [tokenizer.token_bytes(i) if i < tokenizer.vocab_size else b"" for i in range(vocab_size)]
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One rollout batch as training rows (numpy), plus what the metrics need."""
+
+    rows: dict
+    rewards: np.ndarray
+    correct: np.ndarray
+    zero_var_groups: int
+    lengths: np.ndarray
+    finish: list[str]
+    forced_rows: np.ndarray
+    reward_stats: Any
+
+
+def build_rows(batch, out, adv: np.ndarray, group: int, mask_forced: bool) -> dict:
+    """Prompt (left-padded, as the sampler laid it out) + response rows for the update, numpy."""
+    n, t = out.tokens.shape
+    rep = lambda x, axis=0: np.repeat(x, group, axis=axis)  # noqa: E731
+    ids = np.concatenate([rep(batch.input_ids), out.tokens], axis=1).astype(np.int32)
+    mask = out.mask
+    seg = np.concatenate([rep(batch.segment_ids), mask.astype(np.int32)], axis=1)
+    resp_pos = rep(batch.next_position)[:, None] + np.arange(t)[None]
+    positions = np.concatenate([rep(batch.positions, 1), np.broadcast_to(resp_pos, (3, n, t))], axis=2)
+    loss_mask = mask & ~out.forced if mask_forced else mask
+    return {
+        "input_ids": ids, "positions": positions.astype(np.int32), "segment_ids": seg,
+        "targets": out.tokens.astype(np.int32), "loss_mask": loss_mask.astype(np.float32),
+        "old_logp": out.logprobs.astype(np.float32), "adv": adv.astype(np.float32),
+    }
+
+
+class GRPOTrainer:
+    """Holds the sampler, reward pool, reference params and jitted functions; `step` is the loop's step_fn."""
+
+    def __init__(self, config, model_cfg: ModelConfig, tokenizer, mesh: Mesh, tx, schedule, shardings: TrainState,
+                 ref_params=None, frozen: tuple[str, ...] = ()):
+        from xr_jax.rewards import RewardPool, get as get_reward
+
+        g = config.grpo
+        self.g, self.model_cfg, self.tok, self.mesh, self.shardings = g, model_cfg, tokenizer, mesh, shardings
+        self.lcfg = loss_config(g)
+        get_reward(g.reward)  # fail at start on an unknown reward name
+        if g.format_weight:
+            get_reward("format")
+        if g.kl_coef > 0 and ref_params is None:
+            raise ValueError("grpo.kl_coef > 0 needs reference params")
+        self.ref_params = ref_params
+        stops = tuple(tokenizer.special.stop_ids)
+        forced = None
+        if g.forced_exit:
+            forced = ForcedExit.build(tokenizer.encode("</think>"), token_bytes_table(tokenizer, model_cfg.text.vocab_size),
+                                      model_cfg.text.vocab_size)
+        self.scfg = SamplingConfig(
+            temperature=g.temperature, max_new_tokens=g.max_new_tokens, stop_ids=stops, pad_id=tokenizer.special.pad,
+            max_think=g.max_think if g.forced_exit else None, max_answer=g.max_answer if g.forced_exit else 0,
+            prompt_buckets=(g.max_prompt_len,),
+        )
+        self.sampler = Sampler(model_cfg, self.scfg, forced, mesh=mesh)
+        self.pool = RewardPool(g.reward_workers)
+        self.prompt_len = g.max_prompt_len
+        rows_sharding = lambda x: parallel.batch_sharding(mesh, x)  # noqa: E731
+        update = make_update_step(model_cfg, tx, schedule, self.lcfg, temperature=g.temperature,
+                                  prompt_len=self.prompt_len, microbatches=g.microbatches, chunk=config.train.loss_chunk,
+                                  frozen=frozen, mesh=mesh)
+        row_specs = {k: rows_sharding(3 if k == "positions" else 2) for k in UPDATE_KEYS}
+        row_specs["positions"] = parallel.batch_sharding(mesh, 3, batch_axis=1)
+        row_specs["adv"] = row_specs["num_seqs"] = parallel.batch_sharding(mesh, 1)
+        self.row_specs = row_specs
+        self.update = jax.jit(update, in_shardings=(shardings, row_specs),
+                              out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+        self.logprobs = jax.jit(
+            lambda p, rows: response_logprobs(model_cfg, p, rows, g.temperature, self.prompt_len, config.train.loss_chunk),
+            in_shardings=(shardings.params, row_specs), out_shardings=parallel.batch_sharding(mesh, 2))
+
+    def decode(self, ids) -> str:
+        """Response text; ids past the tokenizer's vocabulary (unused embedding rows) decode to nothing."""
+        return self.tok.decode([i for i in ids if i < self.tok.vocab_size], skip_special_tokens=True)
+
+    # -- rollout ----------------------------------------------------------------------------------------
+
+    def rollout(self, params, batch: dict, key) -> Rollout:
+        g = self.g
+        if "pixel_values" in batch:
+            raise ValueError("GRPO on image prompts is not supported yet: the recipe's RL data is text only")
+        lengths = batch["prompt_lengths"]
+        ids = batch["prompt_ids"]
+        prompts = [Prompt(ids[i, ids.shape[1] - lengths[i]:]) for i in range(len(lengths))]
+        sample_params = cast_params(params, g.sampler_dtype) if g.sampler_dtype else params
+        out = self.sampler.generate(sample_params, prompts, rng=key, group_size=g.group_size)
+        texts = [self.decode(out.row_ids(i)) for i in range(len(out.lengths))]
+        answers = [a for a in batch["answers"] for _ in range(g.group_size)]
+        correct, stats = self.pool.score_batch(g.reward, texts, answers, timeout=g.reward_timeout)
+        correct = np.asarray(correct, np.float32)
+        rewards = correct.copy()
+        if g.format_weight:
+            fmt, _ = self.pool.score_batch("format", texts, answers, timeout=g.reward_timeout)
+            rewards = rewards + g.format_weight * np.asarray(fmt, np.float32)
+        adv, zero_var = group_advantages(jnp.asarray(rewards), g.group_size, g.advantage)
+        pbatch = prepare_prompts(prompts, self.model_cfg, self.scfg)
+        rows = build_rows(pbatch, out, np.asarray(adv), g.group_size, g.mask_forced)
+        return Rollout(rows, rewards, correct, int(np.asarray(zero_var).sum()), out.lengths, out.finish_names(),
+                       out.forced.any(axis=1), stats)
+
+    # -- one rollout step ---------------------------------------------------------------------------------
+
+    def step(self, state: TrainState, batch: dict):
+        g = self.g
+        t0 = time.perf_counter()
+        rollout_key, update_key = jax.random.split(state.rng)
+        ro = self.rollout(state.params, batch, rollout_key)
+        t_rollout = time.perf_counter() - t0
+        rows = ro.rows
+        n = len(ro.rewards)
+        put = lambda r: {k: jax.device_put(v, self.row_specs[k]) for k, v in r.items()}  # noqa: E731
+        if self.ref_params is not None:
+            rows["ref_logp"] = np.asarray(self.logprobs(self.ref_params, put(self._with_placeholders(rows))))
+        else:
+            rows["ref_logp"] = np.zeros_like(rows["old_logp"])
+        if g.old_logprobs == "recompute":
+            rows["old_logp"] = np.asarray(self.logprobs(state.params, put(self._with_placeholders(rows))))
+        mismatch = self._sampler_mismatch(state.params, rows, put) if g.old_logprobs == "sampler" else 0.0
+        t1 = time.perf_counter()
+        order = np.asarray(jax.random.permutation(update_key, n))
+        per = n // g.minibatches
+        step_metrics = []
+        for _ in range(g.update_passes):
+            for mb in range(g.minibatches):
+                sel = order[mb * per:(mb + 1) * per]
+                mb_rows = {k: v[sel] if k != "positions" else v[:, sel] for k, v in rows.items()}
+                mb_rows["num_seqs"] = np.full((per,), max(1, int((mb_rows["loss_mask"].sum(1) > 0).sum())), np.float32)
+                state, m = self.update(state, put(mb_rows))
+                step_metrics.append(jax.device_get(m))
+            order = np.asarray(jax.random.permutation(jax.random.fold_in(update_key, len(step_metrics)), n))
+        t_update = time.perf_counter() - t1
+        state = state.replace(step=state.step + 1, rng=jax.random.split(state.rng)[0])
+        last = step_metrics[-1]
+        first = step_metrics[0]
+        mask = rows["loss_mask"] > 0
+        metrics = {
+            "loss": float(last["loss"]), "grad_norm": float(last["grad_norm"]), "lr": float(last["lr"]),
+            "skipped": int(max(m["skipped"] for m in step_metrics)),
+            "reward_mean": float(ro.rewards.mean()), "reward_std": float(ro.rewards.std()),
+            "accuracy": float(ro.correct.mean()),
+            "zero_var_frac": ro.zero_var_groups / (n // g.group_size),
+            "response_len_mean": float(ro.lengths.mean()), "response_len_max": int(ro.lengths.max()),
+            "truncated_frac": float(np.mean([f == "length" for f in ro.finish])),
+            "forced_exit_frac": float(ro.forced_rows.mean()),
+            "clip_frac_low": float(last["clip_frac_low"]), "clip_frac_high": float(last["clip_frac_high"]),
+            "ratio_mean_first": float(first["ratio_mean"]), "ratio_mean_last": float(last["ratio_mean"]),
+            "kl": float(last.get("kl", 0.0)), "entropy": float(last.get("entropy", 0.0)),
+            "sampler_logp_gap": mismatch,
+            "reward_timeouts": int(ro.reward_stats.timeouts), "reward_errors": int(ro.reward_stats.errors),
+            "rollout_time": t_rollout, "update_time": t_update,
+            "input_tokens": float(rows["segment_ids"].sum() * g.update_passes),
+            "response_tokens": float(mask.sum()),
+        }
+        return state, metrics
+
+    def _with_placeholders(self, rows: dict) -> dict:
+        out = {k: rows[k] for k in ("input_ids", "positions", "segment_ids", "targets")}
+        zeros = np.zeros_like(rows["old_logp"])
+        out.update(loss_mask=rows["loss_mask"], old_logp=zeros, ref_logp=zeros, adv=rows["adv"],
+                   num_seqs=np.ones_like(rows["adv"]))
+        return out
+
+    def _sampler_mismatch(self, params, rows, put) -> float:
+        """Mean |logp_sampler - logp_train| over loss tokens (the §1.9 gap; 0 up to fp error here)."""
+        train = np.asarray(self.logprobs(params, put(self._with_placeholders(rows))))
+        mask = rows["loss_mask"] > 0
+        return float(np.abs(train - rows["old_logp"])[mask].mean()) if mask.any() else 0.0
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def load_prompts(config, tokenizer):
+    """The RL prompt iterator (grain; its state is saved in checkpoints) for `data.source`."""
+    from xr_jax.data import pipeline
+    from xr_jax.train.sft import make_source
+
+    g, d = config.grpo, config.data
+    pcfg = pipeline.PromptBatchConfig(
+        batch_size=config.train.batch_size, max_prompt_len=g.max_prompt_len, seed=config.train.seed,
+        shuffle=d.shuffle, prompt=pipeline.PromptConfig(template=g.prompt_template))
+    return iter(pipeline.rl_pipeline(make_source(config), tokenizer, pcfg))
+
+
+def check_layout(config, mesh: Mesh) -> None:
+    g, tr = config.grpo, config.train
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tr.batch_size % dp:
+        raise parallel.MeshError(
+            f"train.batch_size {tr.batch_size} prompts do not split over data x fsdp = {dp} devices (prompts are "
+            f"prefilled sharded); use a multiple of {dp} or change mesh.shape")
+    rows = tr.batch_size * g.group_size
+    if rows % g.minibatches:
+        raise parallel.MeshError(
+            f"train.batch_size x grpo.group_size = {rows} rows do not split into grpo.minibatches {g.minibatches}")
+    per = rows // g.minibatches
+    if per % (dp * g.microbatches):
+        raise parallel.MeshError(
+            f"each minibatch has {per} rows but needs a multiple of data x fsdp x grpo.microbatches = "
+            f"{dp * g.microbatches}; change train.batch_size, grpo.minibatches or mesh.shape")
+
+
+def main(config) -> dict:
+    """Run (or resume) GRPO from a resolved `xr_jax.config.Config`; returns the last step's metrics."""
+    from xr_jax import checkpoint as ckpt_lib
+    from xr_jax.config import to_dict
+    from xr_jax.models.qwen2_5_vl import init_params
+    from xr_jax.train import loop, state as state_lib
+    from xr_jax.data.tokenizer import load_tokenizer
+    from xr_jax.train.sft import build_model, export_final
+
+    d = config.distributed
+    parallel.initialize_distributed(d.initialize, d.coordinator, d.num_processes, d.process_id)
+    mesh = parallel.make_mesh(config.mesh.shape)
+    if config.data.tokenizer is None and config.model.path is None:
+        raise ValueError("GRPO needs a tokenizer: set data.tokenizer ('qwen2.5', 'tiny' or a checkpoint dir) or model.path")
+    tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
+    model_cfg, loaded = build_model(config, mesh, tokenizer)
+    parallel.check_model_fits_mesh(model_cfg, mesh)
+    check_layout(config, mesh)
+    frozen = ("visual",) if config.train.freeze_vision and model_cfg.vision is not None else ()
+    tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps * config.grpo.minibatches
+                                            * config.grpo.update_passes, None, frozen)
+    init_fn = lambda key: init_params(model_cfg, key)  # noqa: E731
+    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    shardings = state_lib.state_shardings(tx, boxed, mesh)
+
+    def initial_state():
+        if loaded is not None:
+            return state_lib.state_from_params(jax.tree_util.tree_map(np.asarray, loaded), tx, config.train.seed, shardings)
+        return state_lib.init_state(init_fn, tx, config.train.seed, shardings)
+
+    ref = None
+    if config.grpo.kl_coef > 0:  # the frozen initial policy: re-derived identically on resume
+        ref = jax.tree_util.tree_map(jnp.copy, initial_state().params)
+    batches = load_prompts(config, tokenizer)
+    config_dict = to_dict(config)
+    checkpointer, restored = None, None
+    if config.checkpoint.dir is not None:
+        c = config.checkpoint
+        checkpointer = ckpt_lib.Checkpointer(c.dir, keep=c.keep, every=c.every, async_save=c.async_save)
+        restored = checkpointer.restore(state_lib.abstract_state(init_fn, tx, shardings))
+    if restored is not None:
+        state = restored.state
+        if restored.data_state:
+            batches.set_state(restored.data_state)
+    else:
+        state = initial_state()
+    trainer = GRPOTrainer(config, model_cfg, tokenizer, mesh, tx, schedule, shardings, ref, frozen)
+    lg = config.logging
+    logger = loop.MetricsLogger(lg.dir, tensorboard=lg.tensorboard, wandb=lg.wandb, wandb_project=lg.wandb_project,
+                                config=config_dict)
+    try:
+        with parallel.use_mesh(mesh):
+            result = loop.run_loop(
+                state, trainer.step, batches, total_steps=config.total_steps, put_batch=lambda b: b,
+                logger=logger, checkpointer=checkpointer, config_dict=config_dict,
+                nan_patience=config.train.nan_patience, log_every=lg.every, progress=lg.progress,
+            )
+    finally:
+        trainer.close()
+        logger.close()
+        if checkpointer is not None:
+            checkpointer.close()
+    export_final(config, model_cfg, result.state.params)
+    return result.last or {}
