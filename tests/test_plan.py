@@ -35,7 +35,7 @@ def config():
 def measured(worker, config):
     """Requested layout (2 rows per device per microbatch) and the most microbatches (1 row)."""
     d = config_lib.to_dict(config)
-    return {mb: worker.measure(d, Layout(FSDP, "none", mb), ROWS, SEQ) for mb in (1, 2)}
+    return {mb: worker.measure(d, Layout(FSDP, "none", mb)) for mb in (1, 2)}
 
 
 def test_bytes_follow_the_shardings(measured):
@@ -138,3 +138,18 @@ def test_parse_bytes_and_bad_input():
     assert plan_lib.parse_bytes("4.3e10") == 43 * 10**9
     with pytest.raises(plan_lib.PlanError, match="not a size"):
         plan_lib.parse_bytes("forty")
+
+
+def test_grpo_plan_adds_reference_params_and_kv_cache(worker):
+    """The GRPO update step on rollout rows (prompts x group_size of max_prompt_len + max_new_tokens),
+    the frozen reference params counted beside it, and the sampler's cache from the model config."""
+    config = config_lib.load("configs/tiny.yaml", ["mesh.shape=[1,8,1]", "train.batch_size=8", "grpo.group_size=2",
+                                                   "grpo.max_prompt_len=32", "grpo.max_new_tokens=32"])
+    p = plan_lib.plan(config, 8, 1 << 30, stage="grpo", worker=worker, search_layouts=False)
+    m = p.requested
+    assert m.error is None and (p.batch_size, p.seq_len) == (16, 64)
+    assert p.budget.reference and p.budget.held(m) == m.peak + m.params
+    t = preset("tiny").text  # fp32 cache: layers x (k, v) x kv heads x head_dim x 4 bytes
+    assert p.kv_cache.bytes_per_token == t.num_layers * 2 * t.num_kv_heads * t.head_dim * 4
+    assert p.kv_cache.total == 16 * 64 * p.kv_cache.bytes_per_token and p.kv_cache.shards == 8
+    assert "KV cache" in plan_lib.format_report(p)

@@ -79,9 +79,10 @@ class Layout:
     remat: str
     microbatches: int
 
-    def overrides(self) -> str:
+    def overrides(self, stage: str = "sft") -> str:
+        section = "grpo" if stage == "grpo" else "train"
         return (f"mesh.shape=[{','.join(map(str, self.mesh))}] model.remat={self.remat} "
-                f"train.microbatches={self.microbatches}")
+                f"{section}.microbatches={self.microbatches}")
 
 
 @dataclasses.dataclass
@@ -219,42 +220,89 @@ def _shard_bytes(tree) -> int:
                for x in jax.tree_util.tree_leaves(tree))
 
 
-def measure(config, layout: Layout, batch_size: int, seq_len: int, compile: bool = True) -> Measurement:
-    """Build the SFT step for `layout` on this process's devices; compile it when `compile`."""
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """What one optimizer step of the stage processes: `rows` x `seq_len` tokens."""
+
+    rows: int
+    seq_len: int
+
+
+def step_shape(config, stage: str) -> StepShape:
+    """SFT: train.batch_size rows of train.seq_len. GRPO: one minibatch of rollout rows (prompts x
+    group_size / minibatches), each max_prompt_len + max_new_tokens long."""
+    if stage == "grpo":
+        g = config.grpo
+        return StepShape(config.train.batch_size * g.group_size // g.minibatches, g.max_prompt_len + g.max_new_tokens)
+    return StepShape(config.train.batch_size, config.train.seq_len)
+
+
+def _abstract(shapes: dict, shardings: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32 if k in ("input_ids", "positions", "segment_ids", "targets")
+                                    else jnp.float32, sharding=shardings[k]) for k, shape in shapes.items()}
+
+
+def measure(config, layout: Layout, stage: str = "sft", compile: bool = True) -> Measurement:
+    """Build the stage's jitted step (SFT train step, or GRPO update step) for `layout` on this process's
+    devices, on abstract state and rows; compile it when `compile`."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
     from xr_jax import parallel
     from xr_jax.models.qwen2_5_vl import init_params
-    from xr_jax.train import sft, state as state_lib
+    from xr_jax.train import grpo, sft, state as state_lib
 
     out = Measurement(layout)
+    shape = step_shape(config, stage)
     try:
         cfg = model_config(config, layout.remat)
         mesh = parallel.make_mesh(layout.mesh)
         parallel.check_model_fits_mesh(cfg, mesh)
-        sft.check_batch_layout(batch_size, layout.microbatches, mesh)
+        if stage == "grpo":
+            g = dataclasses.replace(config.grpo, microbatches=layout.microbatches)
+            grpo.check_layout(dataclasses.replace(config, grpo=g), mesh)
+        else:
+            sft.check_batch_layout(shape.rows, layout.microbatches, mesh)
     except (parallel.MeshError, ValueError) as e:
         out.error = str(e)
         return out
     tr = config.train
     frozen = ("visual",) if tr.freeze_vision and cfg.vision is not None else ()
-    tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps, tr.steps_per_epoch, frozen)
+    if stage == "grpo":
+        updates = config.total_steps * config.grpo.minibatches * config.grpo.update_passes
+        tx, schedule = state_lib.make_optimizer(config.optim, updates, None, frozen)
+    else:
+        tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps, tr.steps_per_epoch, frozen)
     init = lambda key: init_params(cfg, key)  # noqa: E731
     shardings = state_lib.state_shardings(tx, jax.eval_shape(init, jax.random.PRNGKey(0)), mesh)
     state = state_lib.abstract_state(init, tx, shardings)
-    rows = parallel.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=rows) for k in sft.BATCH_KEYS}
+    n, t = shape.rows, shape.seq_len
+    if stage == "grpo":
+        g = config.grpo
+        r = g.max_new_tokens
+        shapes = {"input_ids": (n, t), "segment_ids": (n, t), "positions": (3, n, t), "targets": (n, r),
+                  "loss_mask": (n, r), "old_logp": (n, r), "ref_logp": (n, r), "adv": (n,), "num_seqs": (n,)}
+        batch = _abstract(shapes, grpo.row_shardings(mesh))
+        step = jax.jit(
+            grpo.make_update_step(cfg, tx, schedule, grpo.loss_config(g), temperature=g.temperature,
+                                  prompt_len=g.max_prompt_len, microbatches=layout.microbatches,
+                                  chunk=tr.loss_chunk, frozen=frozen, mesh=mesh),
+            in_shardings=(shardings, grpo.row_shardings(mesh)), out_shardings=(shardings, NamedSharding(mesh, P())),
+            donate_argnums=0)
+    else:
+        batch = _abstract({k: (n, t) for k in sft.BATCH_KEYS}, {k: parallel.batch_sharding(mesh) for k in sft.BATCH_KEYS})
+        step = sft.jit_train_step(
+            sft.make_train_step(cfg, tx, schedule, microbatches=layout.microbatches, z_loss=tr.z_loss,
+                                chunk=tr.loss_chunk, frozen=frozen, mesh=mesh, shardings=shardings),
+            mesh, shardings)
     out.params, out.opt_state = _shard_bytes(state.params), _shard_bytes(state.opt_state)
     out.grads = _shard_bytes({k: v for k, v in state.params.items() if k not in frozen})
     out.batch = _shard_bytes(batch)
     if not compile:
         return out
-    step = sft.jit_train_step(
-        sft.make_train_step(cfg, tx, schedule, microbatches=layout.microbatches, z_loss=tr.z_loss,
-                            chunk=tr.loss_chunk, frozen=frozen, mesh=mesh, shardings=shardings),
-        mesh, shardings)
     t0 = time.perf_counter()
     with parallel.use_mesh(mesh):
         compiled = step.lower(state, batch).compile()
@@ -277,10 +325,10 @@ def _worker_main() -> None:
         try:
             config = config_lib.from_dict(config_lib.Config, req["config"]).validate()
             layout = Layout(tuple(req["layout"]["mesh"]), req["layout"]["remat"], req["layout"]["microbatches"])
-            m = measure(config, layout, req["batch_size"], req["seq_len"], req["compile"])
-            reply = dataclasses.asdict(m)
-        except Exception as e:  # noqa: BLE001 — reported to the parent, which shows it
-            reply = {"fatal": f"{type(e).__name__}: {e}"}
+            m = measure(config, layout, req["stage"], req["compile"])
+        except Exception as e:  # noqa: BLE001 — this layout failed to build: shown in its table row
+            m = Measurement(layout, error=f"{type(e).__name__}: {str(e)[:300]}")
+        reply = dataclasses.asdict(m)
         print(_WORKER_TAG + json.dumps(reply), flush=True)
 
 
@@ -299,21 +347,17 @@ class Worker:
             [sys.executable, "-m", "xr_jax.plan", "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._stderr, text=True, env=env)
 
-    def measure(self, config_dict: dict, layout: Layout, batch_size: int, seq_len: int,
-                compile: bool = True) -> Measurement:
-        """Measure (memoised: a compiled result also answers a later request without compile)."""
-        key = json.dumps([config_dict, dataclasses.asdict(layout), batch_size, seq_len], sort_keys=True)
+    def measure(self, config_dict: dict, layout: Layout, stage: str = "sft", compile: bool = True) -> Measurement:
+        """`measure` in the worker (memoised: a compiled result also answers a later request without compile)."""
+        key = json.dumps([config_dict, dataclasses.asdict(layout), stage], sort_keys=True)
         if key in self._done and (self._done[key].temp is not None or not compile):
             return self._done[key]
-        req = {"config": config_dict, "layout": dataclasses.asdict(layout), "batch_size": batch_size,
-               "seq_len": seq_len, "compile": compile}
+        req = {"config": config_dict, "layout": dataclasses.asdict(layout), "stage": stage, "compile": compile}
         self._proc.stdin.write(json.dumps(req) + "\n")
         self._proc.stdin.flush()
         for line in self._proc.stdout:
             if line.startswith(_WORKER_TAG):
                 reply = json.loads(line[len(_WORKER_TAG):])
-                if "fatal" in reply:
-                    raise RuntimeError(f"plan worker failed on {layout}: {reply['fatal']}")
                 reply["layout"] = Layout(tuple(reply["layout"]["mesh"]), reply["layout"]["remat"],
                                          reply["layout"]["microbatches"])
                 self._done[key] = Measurement(**reply)
@@ -410,17 +454,14 @@ def kv_cache(model_cfg, mesh: tuple[int, ...], rows: int, length: int, sampling_
     return KVCache(rows, length, per_token, dp * tp, sampling_params)
 
 
-def plan(config, devices: int, device_memory: int, *, usable_fraction: float = 0.9,
-         peak_flops: Optional[float] = None, stage: str = "sft", rollout_prompts: int = 128,
-         rollout_samples: int = 8, prompt_len: int = 1024, response_len: int = 4096, kl: bool = True,
-         search_layouts: bool = True, max_compiles: int = 12, worker: Optional["Worker"] = None) -> Plan:
+def plan(config, devices: int, device_memory: int, *, stage: str = "sft", usable_fraction: float = 0.9,
+         peak_flops: Optional[float] = None, search_layouts: bool = True, max_compiles: int = 12,
+         worker: Optional["Worker"] = None) -> Plan:
     """Measure the config's own layout on `devices` simulated devices and search for one that fits.
 
+    stage "sft": the SFT train step. stage "grpo": the GRPO update step on one minibatch of rollout rows,
+    with the frozen reference params beside it (`grpo.kl_coef` > 0), and the sampler's KV cache.
     `worker`: a running `Worker(devices)` to reuse (one is started and stopped otherwise).
-
-    stage "grpo": the update step is measured as the SFT step over prompts x samples rows of
-    prompt + response tokens (the GRPO loss adds only per-token elementwise terms to the same
-    activations), plus the reference params (`kl`) and the sampler's KV cache.
     """
     from xr_jax import config as config_lib, parallel
     from xr_jax.train import flops
@@ -429,45 +470,46 @@ def plan(config, devices: int, device_memory: int, *, usable_fraction: float = 0
         raise PlanError(f"--devices must be >= 1, got {devices}")
     if stage not in ("sft", "grpo"):
         raise PlanError(f"stage must be sft or grpo, got {stage!r}")
-    budget = Budget(int(device_memory * usable_fraction), reference=stage == "grpo" and kl)
+    grpo_cfg = config.grpo if stage == "grpo" else None
+    budget = Budget(int(device_memory * usable_fraction), reference=grpo_cfg is not None and grpo_cfg.kl_coef > 0)
     model_cfg = model_config(config)
     requested_mesh = parallel.mesh_shape(config.mesh.shape, devices)
-    if stage == "grpo":
-        batch_size, seq_len = rollout_prompts * rollout_samples, prompt_len + response_len
-    else:
-        batch_size, seq_len = config.train.batch_size, config.train.seq_len
+    shape = step_shape(config, stage)
     config_dict = config_lib.to_dict(config)
-    requested = Layout(requested_mesh, config.model.remat, config.train.microbatches)
+    microbatches = grpo_cfg.microbatches if grpo_cfg else config.train.microbatches
+    requested = Layout(requested_mesh, config.model.remat, microbatches)
 
     own = worker is None
     worker = Worker(devices) if own else worker
     try:
         def measure_fn(layout, compile=True):
-            return worker.measure(config_dict, layout, batch_size, seq_len, compile)
+            return worker.measure(config_dict, layout, stage, compile)
 
         first = measure_fn(requested)
         best, tried = None, [first]
         if search_layouts:
             meshes = mesh_candidates(devices, requested_mesh, model_cfg.text.num_heads,
                                      model_cfg.text.intermediate_size)
-            best, tried = search(measure_fn, budget, batch_size, meshes, max_compiles, [first])
+            best, tried = search(measure_fn, budget, shape.rows, meshes, max_compiles, [first])
         if best is None and budget.fits(first):
             best = first
     finally:
         if own:
             worker.close()
     kv = None
-    layout_of_kv = best or (first if first.error is None else None)
-    if stage == "grpo" and layout_of_kv is not None:
-        sampling = layout_of_kv.params * _itemsize(model_cfg.dtype) // _itemsize(model_cfg.param_dtype)
-        kv = kv_cache(model_cfg, layout_of_kv.layout.mesh, batch_size, seq_len, sampling)
+    of = best or (first if first.error is None else None)
+    if grpo_cfg is not None and of is not None:
+        sampler_dtype = grpo_cfg.sampler_dtype
+        sampling = of.params * _itemsize(sampler_dtype) // _itemsize(model_cfg.param_dtype) if sampler_dtype else 0
+        kv = kv_cache(model_cfg, of.layout.mesh, config.train.batch_size * grpo_cfg.group_size,
+                      grpo_cfg.max_prompt_len + grpo_cfg.max_new_tokens, sampling)
     n_params, n_train = _param_counts(model_cfg, config.train.freeze_vision)
     return Plan(
         stage=stage, devices=devices, device_memory=device_memory, budget=budget,
         model=config.model.path or config.model.preset, params_total=n_params, params_trainable=n_train,
-        batch_size=batch_size, seq_len=seq_len,
-        model_flops=flops.text_train_flops(model_cfg, batch_size * seq_len, seq_len), peak_flops=peak_flops,
-        requested=first, tried=tried, best=best, kv_cache=kv,
+        batch_size=shape.rows, seq_len=shape.seq_len,
+        model_flops=flops.text_train_flops(model_cfg, shape.rows * shape.seq_len, shape.seq_len),
+        peak_flops=peak_flops, requested=first, tried=tried, best=best, kv_cache=kv,
         total_steps=config.total_steps if stage == "sft" else None,
     )
 
@@ -565,7 +607,7 @@ def _verdict(p: Plan, b, unit_name: str) -> str:
         else:
             lead = f"{'is invalid' if p.requested.error else 'does not fit'} as configured; this layout fits"
         return (f"result    {lead} (peak {b(p.budget.held(p.best))} of {b(p.usable)} {unit_name}): "
-                f"{p.best.layout.overrides()}")
+                f"{p.best.layout.overrides(p.stage)}")
     return ("result    nothing measured fits: add devices, shorten train.seq_len, or raise --max-compiles to "
             "search further")
 
@@ -591,15 +633,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--usable-fraction", type=float, default=0.9,
                    help="share of device memory a program may use (default 0.9; on GPUs set "
                         "XLA_PYTHON_CLIENT_MEM_FRACTION to at least this)")
-    p.add_argument("--stage", choices=["sft", "grpo"], help="default: grpo if the config has a grpo section")
-    p.add_argument("--rollout-prompts", type=int, default=128, help="GRPO prompts per step (paper: 128)")
-    p.add_argument("--rollout-samples", type=int, default=8, help="GRPO samples per prompt (paper: 8)")
-    p.add_argument("--prompt-len", type=int, default=1024, help="GRPO prompt slots (xr_jax default: 1024)")
-    p.add_argument("--response-len", type=int, default=4096, help="GRPO response tokens (paper: 4096)")
-    p.add_argument("--no-kl", action="store_true", help="GRPO without a reference model (beta = 0)")
+    p.add_argument("--stage", choices=["sft", "grpo"],
+                   help="which trainer's step (default: grpo if the config file has a grpo section, else sft); "
+                        "GRPO sizes come from the config: train.batch_size prompts x grpo.group_size, "
+                        "grpo.max_prompt_len + grpo.max_new_tokens, grpo.minibatches, grpo.kl_coef")
     p.add_argument("--no-search", action="store_true", help="measure the configured layout only")
     p.add_argument("--max-compiles", type=int, default=12, help="compile budget of the search (default 12)")
     p.add_argument("--json", help="also write the plan as JSON to this file")
+
+
+def _stage_of(path: Optional[str]) -> str:
+    """"grpo" when the config file has a top-level grpo section (a GRPO recipe), else "sft"."""
+    if path is None:
+        return "sft"
+    import yaml
+
+    with open(path) as f:
+        return "grpo" if "grpo" in (yaml.safe_load(f) or {}) else "sft"
 
 
 def run(args: argparse.Namespace) -> Plan:
@@ -611,11 +661,9 @@ def run(args: argparse.Namespace) -> Plan:
     if args.device_memory is not None:
         memory = parse_bytes(args.device_memory)
     config = config_lib.load(args.config, args.overrides)
-    stage = args.stage or ("grpo" if getattr(config, "grpo", None) is not None else "sft")
-    p = plan(config, args.devices, memory, usable_fraction=args.usable_fraction, peak_flops=peak, stage=stage,
-             rollout_prompts=args.rollout_prompts, rollout_samples=args.rollout_samples,
-             prompt_len=args.prompt_len, response_len=args.response_len, kl=not args.no_kl,
-             search_layouts=not args.no_search, max_compiles=args.max_compiles)
+    p = plan(config, args.devices, memory, stage=args.stage or _stage_of(args.config),
+             usable_fraction=args.usable_fraction, peak_flops=peak, search_layouts=not args.no_search,
+             max_compiles=args.max_compiles)
     print(format_report(p, args.config or ""))
     if args.json:
         with open(args.json, "w") as f:
