@@ -592,8 +592,8 @@ def _kv_lines(p: Plan, b, unit_name: str) -> list[str]:
              f"{b(held + kv.per_device)} {unit_name} per device, before decode temporaries"]
     if held + kv.per_device > p.usable:
         rows = int((p.usable - held) / (kv.per_device / kv.rows)) if p.usable > held else 0
-        lines.append(f"          -> does not fit: at most ~{rows} rows per sampler call "
-                     f"({math.ceil(kv.rows / rows) if rows else 'no'} calls per rollout step), or more devices")
+        lines.append(f"          -> does not fit: room for ~{rows} of the {kv.rows} rows' cache; the trainer samples "
+                     "all rows in one call, so use more devices or fewer prompts per step (train.batch_size)")
     return lines
 
 
