@@ -293,7 +293,8 @@ def measure(config, layout: Layout, stage: str = "sft", compile: bool = True) ->
             in_shardings=(shardings, grpo.row_shardings(mesh)), out_shardings=(shardings, NamedSharding(mesh, P())),
             donate_argnums=0)
     else:
-        batch = _abstract({k: (n, t) for k in sft.BATCH_KEYS}, {k: parallel.batch_sharding(mesh) for k in sft.BATCH_KEYS})
+        rows = parallel.batch_sharding(mesh)
+        batch = _abstract({k: (n, t) for k in sft.BATCH_KEYS}, {k: rows for k in sft.BATCH_KEYS})
         step = sft.jit_train_step(
             sft.make_train_step(cfg, tx, schedule, microbatches=layout.microbatches, z_loss=tr.z_loss,
                                 chunk=tr.loss_chunk, frozen=frozen, mesh=mesh, shardings=shardings),
@@ -557,7 +558,9 @@ def format_report(p: Plan, title: str = "") -> str:
             "devices (docs/plan.md)",
             f"  {'mesh (d,f,t)':<13} {'remat':<5} {'mb':>4} | {'params':>6} {'opt':>6} {'grads':>6} {'batch':>6} "
             f"| {'args':>6} {'temp':>6} {'peak':>6} | fits | compile"]
-    order = lambda m: (m is not p.requested, REMATS.index(m.layout.remat), m.layout.mesh, m.layout.microbatches)  # noqa: E731
+    def order(m):
+        return m is not p.requested, REMATS.index(m.layout.remat), m.layout.mesh, m.layout.microbatches
+
     for m in sorted(p.tried, key=order):
         row = f"  {str(m.layout.mesh):<13} {m.layout.remat:<5} {m.layout.microbatches:>4} | "
         if m.error:
