@@ -38,23 +38,28 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 COMMANDS["convert"] = ("HF checkpoint <-> xr_jax checkpoint (both directions, bit-exact)", _convert_args, _convert)
 
 
-def _sft_args(p: argparse.ArgumentParser) -> None:
+def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=2e-5 mesh.shape=[2,2,2]")
 
 
-def _sft(args: argparse.Namespace) -> None:
-    import logging
+def _train(stage: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        import importlib
+        import logging
 
-    from xr_jax import config as config_lib
-    from xr_jax.train import sft
+        from xr_jax import config as config_lib
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("xr_jax").setLevel(logging.INFO)
-    sft.main(config_lib.load(args.config, args.overrides))
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("xr_jax").setLevel(logging.INFO)
+        importlib.import_module(f"xr_jax.train.{stage}").main(config_lib.load(args.config, args.overrides))
+
+    return run
 
 
-COMMANDS["sft"] = ("supervised fine-tuning, stage 1 (`--config FILE key.sub=value ...`)", _sft_args, _sft)
+COMMANDS["sft"] = ("supervised fine-tuning, stage 1 (`--config FILE key.sub=value ...`)", _train_args, _train("sft"))
+COMMANDS["grpo"] = ("GRPO with verifiable rewards, stage 2 (`--config FILE key.sub=value ...`)", _train_args,
+                    _train("grpo"))
 
 
 # ----------------------------------------------------------------------------- sample

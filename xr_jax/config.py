@@ -51,11 +51,13 @@ class MeshSection:
 class DataSection:
     """source: "random" (built-in deterministic token batches, for smoke tests and benches), "synthetic" (the
     built-in arithmetic task, `synthetic` sets it up) or a `sources` format name read from `path`. pack:
-    first-fit packing of examples into rows (text only)."""
+    first-fit packing of examples into rows (text only). prompt_template: how a question becomes the user turn
+    (`templates.PROMPT_TEMPLATES`: the paper's "x_reasoner_train", "plain", ...)."""
 
     source: str = "random"
     path: Optional[str] = None
     synthetic: SyntheticConfig = SyntheticConfig()
+    prompt_template: str = "x_reasoner_train"
     split: str = "train"
     pack: bool = True
     shuffle: bool = True
@@ -190,7 +192,6 @@ class GRPOSection:
     microbatches: int = 1
     old_logprobs: str = "sampler"
     sampler_dtype: Optional[str] = None
-    prompt_template: str = "x_reasoner_train"
 
 
 @dataclasses.dataclass(frozen=True)

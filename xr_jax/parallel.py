@@ -73,7 +73,11 @@ def mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh. On one process a shape without -1 may use fewer devices than
+    are present (the first ones), e.g. [1, 1, 1] for a single-device run."""
     devices = list(jax.devices() if devices is None else devices)
+    if -1 not in shape and jax.process_count() == 1 and 0 < math.prod(shape) < len(devices):
+        devices = devices[: math.prod(shape)]
     resolved = mesh_shape(shape, len(devices))
     try:
         arr = mesh_utils.create_device_mesh(resolved, devices)

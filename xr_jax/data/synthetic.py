@@ -26,7 +26,8 @@ IMAGE_QUESTION = "What is the value of the expression in the image?"
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
     """num_examples: size of the task; steps: min/max operations; operands are 1..max_operand.
-    images: render the expression into an image of image_size (height, width) pixels (multiples of 28)."""
+    images: render the expression into an image of image_size (height, width) pixels (multiples of 28).
+    direct: responses give the answer alone (`<answer>…</answer>`, no thinking) — the demo's "base" model."""
 
     num_examples: int = 1000
     seed: int = 0
@@ -35,6 +36,7 @@ class SyntheticConfig:
     max_operand: int = 9
     images: bool = False
     image_size: tuple[int, int] = (112, 224)
+    direct: bool = False
 
     def validate(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps:
@@ -116,7 +118,7 @@ def synthetic_source(config: SyntheticConfig = SyntheticConfig(), name: str = "s
     def to_example(index: int, rid: str) -> Example:
         problem = make_problem(config, index)
         answer = str(problem.answer)
-        response = templates.format_trace("\n".join(problem.steps), answer)
+        response = f"<answer>{answer}</answer>" if config.direct else templates.format_trace("\n".join(problem.steps), answer)
         meta = {"expression": problem.expression, "steps": len(problem.steps)}
         if config.images:
             image = render_expression(problem.expression.replace(" ", ""), config.image_size, font_size)

@@ -303,7 +303,7 @@ def load_prompts(config, tokenizer):
     g, d = config.grpo, config.data
     pcfg = pipeline.PromptBatchConfig(
         batch_size=config.train.batch_size, max_prompt_len=g.max_prompt_len, seed=config.train.seed,
-        shuffle=d.shuffle, prompt=pipeline.PromptConfig(template=g.prompt_template))
+        shuffle=d.shuffle, prompt=pipeline.PromptConfig(template=d.prompt_template))
     return iter(pipeline.rl_pipeline(make_source(config), tokenizer, pcfg))
 
 

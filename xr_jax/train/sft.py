@@ -24,6 +24,7 @@ from xr_jax.train.losses import cross_entropy_sums
 from xr_jax.train.state import TrainState
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+IMAGE_KEYS = ("pixel_values", "vision_layout")  # image rows: the whole batch's patches, replicated
 
 
 def make_loss_fn(model_cfg: ModelConfig, *, z_loss: float = 0.0, chunk: int = 1024, frozen: tuple[str, ...] = ()):
@@ -36,7 +37,8 @@ def make_loss_fn(model_cfg: ModelConfig, *, z_loss: float = 0.0, chunk: int = 10
     def loss(params, batch, count):
         params = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
         hidden, _ = model.apply(
-            {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"], return_hidden=True)
+            {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"],
+            pixel_values=batch.get("pixel_values"), vision_layout=batch.get("vision_layout"), return_hidden=True)
         head = lambda h: model.apply({"params": params}, h, method="logits")  # noqa: E731
         ce, z = cross_entropy_sums(hidden, batch["targets"], batch["loss_mask"], head, chunk)
         return (ce + z_loss * z) / count, (ce, z)
@@ -110,7 +112,9 @@ def make_train_step(
     loss_fn = make_loss_fn(model_cfg, z_loss=z_loss, chunk=chunk, frozen=frozen)
 
     def step(state: TrainState, batch: dict):
-        batch = {k: batch[k] for k in BATCH_KEYS}
+        batch = {k: batch[k] for k in BATCH_KEYS + IMAGE_KEYS if k in batch}
+        if microbatches > 1 and "pixel_values" in batch:
+            raise ValueError("train.microbatches > 1 with image rows is not supported; use train.microbatches=1")
         grads, (ce, z), count = compute_grads(
             loss_fn, state.params, batch, microbatches, mesh, None if shardings is None else shardings.params)
         grad_norm = optax.tree.norm(grads)
@@ -133,12 +137,45 @@ def make_train_step(
 
 
 def jit_train_step(step_fn, mesh: Mesh, shardings: TrainState):
-    """jit with explicit shardings: state as given (donated), batch rows over ('data','fsdp'), metrics replicated."""
-    rows = parallel.batch_sharding(mesh)
-    return jax.jit(
-        step_fn, in_shardings=(shardings, {k: rows for k in BATCH_KEYS}),
-        out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0,
-    )
+    """jit with explicit shardings: state as given (donated), batch rows over ('data','fsdp') (M-RoPE positions
+    [3, B, T] on axis 1), image patches and their layout replicated, metrics replicated. One program per
+    batch structure (text rows, or rows with images)."""
+    compiled = {}
+
+    def call(state, batch):
+        keys = tuple(sorted(batch))
+        if keys not in compiled:
+            specs = {}
+            for k in keys:
+                if k in IMAGE_KEYS:
+                    specs[k] = jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), batch[k])
+                elif k == "positions" and np.ndim(batch[k]) == 3:
+                    specs[k] = parallel.batch_sharding(mesh, 3, batch_axis=1)
+                else:
+                    specs[k] = parallel.batch_sharding(mesh, np.ndim(batch[k]))
+            compiled[keys] = jax.jit(step_fn, in_shardings=(shardings, specs),
+                                     out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+        return compiled[keys](state, batch)
+
+    return call
+
+
+def device_batch(local: dict, mesh: Mesh, model_cfg: ModelConfig) -> dict:
+    """Process-local numpy batch -> global arrays; image rows get M-RoPE positions and the vision layout."""
+    rows = {k: local[k] for k in BATCH_KEYS}
+    if "image_grid_thw" not in local:
+        return parallel.global_batch(rows, mesh)
+    from xr_jax.models.qwen2_5_vl import get_rope_index
+    from xr_jax.models.vision import vision_layout
+
+    if jax.process_count() > 1:
+        raise NotImplementedError("SFT on image rows runs on one process (image patches are not assembled globally)")
+    grid = np.asarray(local["image_grid_thw"])
+    rows["positions"] = get_rope_index(rows["input_ids"], grid, rows["segment_ids"] > 0, model_cfg)[0].astype(np.int32)
+    out = parallel.global_batch(rows, mesh)
+    out["pixel_values"] = jnp.asarray(local["pixel_values"])
+    out["vision_layout"] = vision_layout(grid, model_cfg.vision)
+    return out
 
 
 def check_batch_layout(batch_size: int, microbatches: int, mesh: Mesh, process_count: int = 1) -> None:
@@ -208,6 +245,7 @@ def make_batches(config, model_cfg: ModelConfig, tokenizer=None):
                          f"{model_cfg.text.vocab_size}; use a matching tokenizer or set model.vocab_size")
     source = make_source(config)
     data_cfg = pipeline.SFTConfig(max_len=tr.seq_len, batch_size=tr.batch_size, pack=d.pack, seed=tr.seed,
+                                  prompt=pipeline.PromptConfig(template=d.prompt_template),
                                   shuffle=d.shuffle, num_epochs=None)
     return iter(pipeline.sft_pipeline(source, tokenizer, data_cfg))
 
@@ -288,7 +326,7 @@ def main(config) -> dict:
         with parallel.use_mesh(mesh):
             result = loop.run_loop(
                 state, step_fn, batches, total_steps=config.total_steps,
-                put_batch=lambda b: parallel.global_batch({k: b[k] for k in BATCH_KEYS}, mesh),
+                put_batch=lambda b: device_batch(b, mesh, model_cfg),
                 logger=logger, checkpointer=checkpointer, config_dict=config_dict, nan_patience=tr.nan_patience,
                 flops_fn=flops_fn, peak_flops=peak, log_every=lg.every, progress=lg.progress,
             )
