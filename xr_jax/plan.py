@@ -285,20 +285,19 @@ def measure(config, layout: Layout, stage: str = "sft", compile: bool = True) ->
         r = g.max_new_tokens
         shapes = {"input_ids": (n, t), "segment_ids": (n, t), "positions": (3, n, t), "targets": (n, r),
                   "loss_mask": (n, r), "old_logp": (n, r), "ref_logp": (n, r), "adv": (n,), "num_seqs": (n,)}
-        batch = _abstract(shapes, grpo.row_shardings(mesh))
-        step = jax.jit(
-            grpo.make_update_step(cfg, tx, schedule, grpo.loss_config(g), temperature=g.temperature,
-                                  prompt_len=g.max_prompt_len, microbatches=layout.microbatches,
-                                  chunk=tr.loss_chunk, frozen=frozen, mesh=mesh),
-            in_shardings=(shardings, grpo.row_shardings(mesh)), out_shardings=(shardings, NamedSharding(mesh, P())),
-            donate_argnums=0)
-    else:
-        rows = parallel.batch_sharding(mesh)
-        batch = _abstract({k: (n, t) for k in sft.BATCH_KEYS}, {k: rows for k in sft.BATCH_KEYS})
-        step = sft.jit_train_step(
-            sft.make_train_step(cfg, tx, schedule, microbatches=layout.microbatches, z_loss=tr.z_loss,
-                                chunk=tr.loss_chunk, frozen=frozen, mesh=mesh, shardings=shardings),
-            mesh, shardings)
+        specs = grpo.row_shardings(mesh)
+        step_fn = grpo.make_update_step(cfg, tx, schedule, grpo.loss_config(g), temperature=g.temperature,
+                                        prompt_len=g.max_prompt_len, microbatches=layout.microbatches,
+                                        chunk=tr.loss_chunk, frozen=frozen, mesh=mesh)
+    else:  # text rows, as `sft.jit_train_step` places them
+        shapes = {k: (n, t) for k in sft.BATCH_KEYS}
+        specs = {k: parallel.batch_sharding(mesh) for k in sft.BATCH_KEYS}
+        step_fn = sft.make_train_step(cfg, tx, schedule, microbatches=layout.microbatches, z_loss=tr.z_loss,
+                                      chunk=tr.loss_chunk, frozen=frozen, mesh=mesh, shardings=shardings)
+    batch = _abstract(shapes, specs)
+    # the trainers' jit: state donated, rows sharded, metrics replicated
+    step = jax.jit(step_fn, in_shardings=(shardings, specs), out_shardings=(shardings, NamedSharding(mesh, P())),
+                   donate_argnums=0)
     out.params, out.opt_state = _shard_bytes(state.params), _shard_bytes(state.opt_state)
     out.grads = _shard_bytes({k: v for k, v in state.params.items() if k not in frozen})
     out.batch = _shard_bytes(batch)
