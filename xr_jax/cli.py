@@ -296,6 +296,22 @@ COMMANDS["demo"] = ("the built-in default: base -> SFT -> GRPO -> eval (text and
                     _demo_args, _demo)
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from xr_jax import plan
+
+    plan.add_args(p)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from xr_jax import plan
+
+    plan.run(args)
+
+
+COMMANDS["plan"] = ("per-device memory and FLOPs of a run on N devices, from a simulated-mesh compile",
+                    _plan_args, _plan)
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean a user mistake (bad path, config, checkpoint, mesh): one line, exit 2."""
     from xr_jax.chat_sampling import ChatError
@@ -303,9 +319,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from xr_jax.data.images import ImageError
     from xr_jax.models.hf import CheckpointError
     from xr_jax.parallel import MeshError
+    from xr_jax.plan import PlanError
     from xr_jax.plot import MetricsError
 
-    return (CheckpointError, ConfigError, MeshError, FileNotFoundError, ChatError, ImageError, MetricsError)
+    return (CheckpointError, ConfigError, MeshError, FileNotFoundError, ChatError, ImageError, MetricsError,
+            PlanError)
 
 
 def main(argv=None) -> int:

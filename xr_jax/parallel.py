@@ -217,5 +217,8 @@ def initialize_distributed(mode: str = "auto", coordinator: Optional[str] = None
     )
     if mode == "auto" and not detected:
         return False
+    # CPU processes all-reduce through gloo (jax 0.10's default, set here so other versions agree); the
+    # flag only concerns the CPU backend, so GPU and TPU runs are unaffected.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     return True

@@ -17,6 +17,9 @@ _QWEN25_VL_3B = TextConfig(
     mrope_section=(16, 24, 24), tie_word_embeddings=True,
 )
 
+# Qwen2.5-7B(-Instruct), text only: the 7B decoder shapes (TextConfig's defaults) with plain 1-D RoPE.
+_QWEN25_7B = TextConfig(mrope_section=None, max_position_embeddings=32768)
+
 PRESETS = {
     # text-only tiny Qwen2.5 (the shape of tests/hf_reference.py)
     "tiny": lambda: tiny_vl_config(vision=None),
@@ -27,6 +30,7 @@ PRESETS = {
         mrope_section=(4, 6, 6), max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
     )),
     "qwen2.5-1.5b": lambda: ModelConfig(text=_QWEN25_1_5B, vision=None),
+    "qwen2.5-7b": lambda: ModelConfig(text=_QWEN25_7B, vision=None),
     "qwen2.5-vl-3b": lambda: ModelConfig(
         text=_QWEN25_VL_3B, vision=VisionConfig(out_hidden_size=2048)),
     "qwen2.5-vl-7b": ModelConfig,

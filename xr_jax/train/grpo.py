@@ -106,6 +106,14 @@ def make_update_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, s
     return step
 
 
+def row_shardings(mesh: Mesh) -> dict:
+    """Shardings of the update rows: rows over ('data', 'fsdp'); positions [3, N, T] on their axis 1."""
+    specs = {k: parallel.batch_sharding(mesh, 2) for k in UPDATE_KEYS}
+    specs["positions"] = parallel.batch_sharding(mesh, 3, batch_axis=1)
+    specs["adv"] = specs["num_seqs"] = parallel.batch_sharding(mesh, 1)
+    return specs
+
+
 # ----------------------------------------------------------------------------- host side
 
 
@@ -169,14 +177,10 @@ class GRPOTrainer:
         self.sampler = Sampler(model_cfg, self.scfg, forced, mesh=mesh)
         self.pool = RewardPool(g.reward_workers)
         self.prompt_len = g.max_prompt_len
-        rows_sharding = lambda x: parallel.batch_sharding(mesh, x)  # noqa: E731
         update = make_update_step(model_cfg, tx, schedule, self.lcfg, temperature=g.temperature,
                                   prompt_len=self.prompt_len, microbatches=g.microbatches, chunk=config.train.loss_chunk,
                                   frozen=frozen, mesh=mesh)
-        row_specs = {k: rows_sharding(3 if k == "positions" else 2) for k in UPDATE_KEYS}
-        row_specs["positions"] = parallel.batch_sharding(mesh, 3, batch_axis=1)
-        row_specs["adv"] = row_specs["num_seqs"] = parallel.batch_sharding(mesh, 1)
-        self.row_specs = row_specs
+        self.row_specs = row_specs = row_shardings(mesh)
         self.update = jax.jit(update, in_shardings=(shardings, row_specs),
                               out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
         self.logprobs = jax.jit(

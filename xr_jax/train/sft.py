@@ -53,15 +53,19 @@ def split_microbatches(batch: dict, n: int, mesh: Mesh | None = None) -> dict:
     microbatch, so every microbatch is spread over all data-parallel devices.
     """
 
-    def one(x):
+    def one(key, x):
+        axis = 1 if key == "positions" and x.ndim == 3 else 0  # M-RoPE positions [3, B, T]: rows on axis 1
+        x = jnp.moveaxis(x, axis, 0)
         b = x.shape[0]
-        x = jnp.swapaxes(x.reshape((b // n, n) + x.shape[1:]), 0, 1)
+        x = jnp.swapaxes(x.reshape((b // n, n) + x.shape[1:]), 0, 1)  # [n, B/n, ...]
+        x = jnp.moveaxis(x, 1, axis + 1)
         if mesh is not None:
-            spec = P(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))
-            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+            spec = [None] * x.ndim
+            spec[axis + 1] = ("data", "fsdp")
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
         return x
 
-    return {k: one(v) for k, v in batch.items()}
+    return {k: one(k, v) for k, v in batch.items()}
 
 
 def compute_grads(loss_fn, params, batch: dict, microbatches: int = 1, mesh: Mesh | None = None, grad_shardings=None):

@@ -1,0 +1,70 @@
+"""Every `configs/*.yaml` loads through the typed Config (a new file is covered automatically), names a
+model and data source that exist, and the paper's recipe configs hold the paper's numbers."""
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from xr_jax import config as config_lib
+from xr_jax.data import sources
+from xr_jax.models import presets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+def test_there_are_configs():
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert {"tiny.yaml", "x_reasoner_sft.yaml", "x_reasoner_med_sft.yaml"} <= names, names
+
+
+def _load(path):
+    """As the CLI loads it: a file with a `train` section is a training run (fully validated), others
+    (e.g. eval) skip the training checks."""
+    with open(path) as f:
+        training = "train" in (yaml.safe_load(f) or {})
+    return config_lib.load(path, validate=False).validate(training=training)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_loads_and_names_real_things(path):
+    cfg = _load(path)
+    assert cfg.model.preset in presets.PRESETS, cfg.model.preset
+    model = presets.preset(cfg.model.preset, dtype=cfg.model.dtype, remat=cfg.model.remat)
+    assert cfg.data.source == "random" or cfg.data.source in sources.FORMATS, cfg.data.source
+    assert len(cfg.mesh.shape) == 3 and cfg.mesh.shape.count(-1) <= 1
+    assert cfg.train.batch_size % cfg.train.microbatches == 0
+    assert cfg.train.seq_len <= model.text.max_position_embeddings
+    # what a user writes on the command line round-trips
+    assert config_lib.from_dict(config_lib.Config, config_lib.to_dict(cfg)) == cfg
+
+
+# [paper] X-Reasoner §2.3 / App. B.1 (reference: x_reasoner_recipe.md §3.1)
+PAPER_SFT = {
+    "optim.lr": 1e-5, "optim.weight_decay": 0.0, "optim.b1": 0.9, "optim.b2": 0.999,
+    "optim.schedule": "step_decay", "optim.decay_per_epoch": 0.8, "optim.warmup_steps": 0,
+    "train.epochs": 4, "train.batch_size": 128, "train.seq_len": 4096, "train.freeze_vision": True,
+    "data.source": "openthoughts",
+}
+
+
+@pytest.mark.parametrize("name", ["x_reasoner_sft.yaml", "x_reasoner_sft_3b.yaml", "x_reasoner_sft_text.yaml",
+                                  "x_reasoner_med_sft.yaml"])
+def test_sft_recipes_hold_the_paper_numbers(name):
+    cfg = config_lib.load(os.path.join(ROOT, "configs", name))
+    for key, want in PAPER_SFT.items():
+        section, field = key.split(".")
+        assert getattr(getattr(cfg, section), field) == want, (name, key)
+
+
+def test_recipe_models():
+    expected = {"x_reasoner_sft.yaml": "qwen2.5-vl-7b", "x_reasoner_med_sft.yaml": "qwen2.5-vl-7b",
+                "x_reasoner_sft_3b.yaml": "qwen2.5-vl-3b", "x_reasoner_sft_text.yaml": "qwen2.5-7b"}
+    for name, preset in expected.items():
+        cfg = config_lib.load(os.path.join(ROOT, "configs", name))
+        assert cfg.model.preset == preset and cfg.model.path is None, name
+        shape = presets.preset(preset).text
+        assert cfg.model.vocab_size == shape.vocab_size, name  # a preset run has the checkpoint's shape
+    assert presets.preset("qwen2.5-7b").vision is None
