@@ -168,7 +168,7 @@ def _build_sampler(args: argparse.Namespace, tokenizer):
     from xr_jax.sampling import ForcedExit, Sampler, SamplingConfig
 
     print(f"loading {args.model}", file=sys.stderr)
-    cfg, params = convert.load_any(args.model, dtype=args.dtype)
+    cfg, params = convert.load_any(args.model, cast=args.dtype)
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)
     special = tokenizer.special
