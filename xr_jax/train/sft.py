@@ -171,8 +171,11 @@ def device_batch(local: dict, mesh: Mesh, model_cfg: ModelConfig) -> dict:
     if jax.process_count() > 1:
         raise NotImplementedError("SFT on image rows runs on one process (image patches are not assembled globally)")
     grid = np.asarray(local["image_grid_thw"])
-    rows["positions"] = get_rope_index(rows["input_ids"], grid, rows["segment_ids"] > 0, model_cfg)[0].astype(np.int32)
+    positions = get_rope_index(rows["input_ids"], grid, rows["segment_ids"] > 0,
+                               model_cfg)[0].astype(np.int32)
+    del rows["positions"]
     out = parallel.global_batch(rows, mesh)
+    out["positions"] = jax.device_put(positions, parallel.batch_sharding(mesh, 3, batch_axis=1))
     out["pixel_values"] = jnp.asarray(local["pixel_values"])
     out["vision_layout"] = vision_layout(grid, model_cfg.vision)
     return out
