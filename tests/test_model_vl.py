@@ -1,5 +1,6 @@
 """The whole Qwen2.5-VL (vision tower + M-RoPE decoder) vs transformers, and its VL checkpoint round trip."""
 
+import json
 import os
 
 import jax
@@ -142,6 +143,10 @@ def test_vl_checkpoint_round_trip_bit_exact_and_reloadable(vl, tmp_path):
     assert set(a) == set(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+    assert "text_config" not in json.load(open(os.path.join(out, "config.json")))  # flat hub style written...
+    cfg_flat, params_flat = hf.load_hf(out)  # ...and read back (the source was a nested v5 save)
+    assert cfg_flat == cfg and all(np.array_equal(a, b) for a, b in zip(
+        jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params_flat)))
     reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
     ids, am, grid, pixels = _batch(CASES["one_image"], seed=11)
     pos, _ = get_rope_index(ids, grid, am, cfg)
