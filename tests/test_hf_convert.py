@@ -6,7 +6,6 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM
 

@@ -28,10 +28,10 @@ from xr_jax import parallel
 from xr_jax.eval_model import token_byte_table
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
-from xr_jax.sampling import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig, cast_params, prepare_prompts
+from xr_jax.sampling import ForcedExit, Prompt, Sampler, SamplingConfig, cast_params, prepare_prompts
 from xr_jax.train.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
 from xr_jax.train.losses import target_logprobs_and_lse
-from xr_jax.train.sft import _schedule_count, compute_grads, split_microbatches
+from xr_jax.train.sft import _schedule_count, compute_grads
 from xr_jax.train.state import TrainState
 
 UPDATE_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask", "old_logp", "ref_logp", "adv")
@@ -323,7 +323,6 @@ def check_layout(config, mesh: Mesh) -> None:
 
 def main(config) -> dict:
     """Run (or resume) GRPO from a resolved `xr_jax.config.Config`; returns the last step's metrics."""
-    from xr_jax import checkpoint as ckpt_lib
     from xr_jax.config import to_dict
     from xr_jax.models.qwen2_5_vl import init_params
     from xr_jax.train import loop, state as state_lib
@@ -356,17 +355,8 @@ def main(config) -> dict:
         ref = jax.tree_util.tree_map(jnp.copy, initial_state().params)
     batches = load_prompts(config, tokenizer)
     config_dict = to_dict(config)
-    checkpointer, restored = None, None
-    if config.checkpoint.dir is not None:
-        c = config.checkpoint
-        checkpointer = ckpt_lib.Checkpointer(c.dir, keep=c.keep, every=c.every, async_save=c.async_save)
-        restored = checkpointer.restore(state_lib.abstract_state(init_fn, tx, shardings))
-    if restored is not None:
-        state = restored.state
-        if restored.data_state:
-            batches.set_state(restored.data_state)
-    else:
-        state = initial_state()
+    state, checkpointer = loop.resume_or_start(config, state_lib.abstract_state(init_fn, tx, shardings), batches,
+                                               initial_state)
     trainer = GRPOTrainer(config, model_cfg, tokenizer, mesh, tx, schedule, shardings, ref, frozen)
     lg = config.logging
     logger = loop.MetricsLogger(lg.dir, tensorboard=lg.tensorboard, wandb=lg.wandb, wandb_project=lg.wandb_project,

@@ -207,3 +207,21 @@ def run_loop(
             checkpointer.wait()
         bar.close()
     return LoopResult(state=state, last=last, reason=reason)
+
+
+def resume_or_start(config, abstract_state, batches, fresh: Callable[[], Any]):
+    """(state, checkpointer): the newest readable checkpoint of `checkpoint.dir` with its data position
+    restored into `batches`, else `fresh()`; the checkpointer is None when checkpoint.dir is unset."""
+    from xr_jax import checkpoint as ckpt_lib
+
+    c = config.checkpoint
+    if c.dir is None:
+        return fresh(), None
+    checkpointer = ckpt_lib.Checkpointer(c.dir, keep=c.keep, every=c.every, async_save=c.async_save)
+    restored = checkpointer.restore(abstract_state)
+    if restored is None:
+        return fresh(), checkpointer
+    if restored.data_state:
+        batches.set_state(restored.data_state)
+    log.info("resumed from %s step %d", checkpointer.directory, restored.step)
+    return restored.state, checkpointer

@@ -277,7 +277,6 @@ def make_source(config):
 
 def main(config) -> dict:
     """Run (or resume) SFT from a resolved `xr_jax.config.Config`; returns the last step's metrics."""
-    from xr_jax import checkpoint as ckpt_lib
     from xr_jax.config import to_dict
     from xr_jax.models.qwen2_5_vl import init_params
     from xr_jax.train import flops, loop, state as state_lib
@@ -298,21 +297,12 @@ def main(config) -> dict:
     batches = make_batches(config, model_cfg, tokenizer)
     config_dict = to_dict(config)
 
-    checkpointer = None
-    restored = None
-    if config.checkpoint.dir is not None:
-        c = config.checkpoint
-        checkpointer = ckpt_lib.Checkpointer(c.dir, keep=c.keep, every=c.every, async_save=c.async_save)
-        restored = checkpointer.restore(state_lib.abstract_state(init_fn, tx, shardings))
-    if restored is not None:
-        state = restored.state
-        if restored.data_state:
-            batches.set_state(restored.data_state)
-        loop.log.info("resumed from %s step %d", checkpointer.directory, restored.step)
-    elif loaded is not None:
-        state = state_lib.state_from_params(loaded, tx, tr.seed, shardings)
-    else:
-        state = state_lib.init_state(init_fn, tx, tr.seed, shardings)
+    def fresh():
+        if loaded is not None:
+            return state_lib.state_from_params(loaded, tx, tr.seed, shardings)
+        return state_lib.init_state(init_fn, tx, tr.seed, shardings)
+
+    state, checkpointer = loop.resume_or_start(config, state_lib.abstract_state(init_fn, tx, shardings), batches, fresh)
 
     step_fn = jit_train_step(
         make_train_step(model_cfg, tx, schedule, microbatches=tr.microbatches, z_loss=tr.z_loss,
