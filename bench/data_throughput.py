@@ -12,23 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
-import subprocess
 import time
 
 from xr_jax.data import pipeline as P
 from xr_jax.data.sources import load_source
 from xr_jax.data.tokenizer import load_tokenizer
 
+from machine import cpu_model  # bench/ is sys.path[0] when a bench runs as a script
+
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "data" / "gsm8k_test_50.jsonl"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def measure(source, tokenizer, config: P.SFTConfig, min_examples: int) -> dict:

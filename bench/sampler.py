@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
-import subprocess
 import time
 
 import flax.linen as nn
@@ -34,6 +32,8 @@ import numpy as np
 from xr_jax import sampling
 from xr_jax.models.config import ModelConfig, TextConfig, tiny_vl_config
 from xr_jax.models.qwen2_5_vl import init_params
+
+from machine import cpu_model  # bench/ is sys.path[0] when a bench runs as a script
 
 SHAPES = {
     # the tests' tiny model (text part): the CPU bar
@@ -46,14 +46,6 @@ SHAPES = {
                                num_heads=12, num_kv_heads=2, mrope_section=None, tie_word_embeddings=True),
 }
 PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, datasheet (SXM)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def model_config(shape: str, dtype: str) -> ModelConfig:

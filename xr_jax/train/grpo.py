@@ -359,8 +359,7 @@ def main(config) -> dict:
                                                initial_state)
     trainer = GRPOTrainer(config, model_cfg, tokenizer, mesh, tx, schedule, shardings, ref, frozen)
     lg = config.logging
-    logger = loop.MetricsLogger(lg.dir, tensorboard=lg.tensorboard, wandb=lg.wandb, wandb_project=lg.wandb_project,
-                                config=config_dict)
+    logger = loop.MetricsLogger.from_config(config, config_dict)
     try:
         with parallel.use_mesh(mesh):
             result = loop.run_loop(

@@ -56,6 +56,11 @@ class MetricsLogger:
                 raise ImportError("logging.wandb=true needs `pip install wandb`") from e
             self._wandb = wandb_lib.init(project=wandb_project, config=config, dir=directory, resume="allow")
 
+    @classmethod
+    def from_config(cls, config, config_dict: Optional[dict] = None) -> "MetricsLogger":
+        lg = config.logging
+        return cls(lg.dir, tensorboard=lg.tensorboard, wandb=lg.wandb, wandb_project=lg.wandb_project, config=config_dict)
+
     def log(self, record: dict) -> None:
         if not self.main:
             return

@@ -313,8 +313,7 @@ def main(config) -> dict:
         model_cfg, float((np.asarray(b["segment_ids"]) > 0).sum()) * jax.process_count(), tr.seq_len) + (
         flops.vision_flops(model_cfg, b.get("image_grid_thw"), trained=not frozen))
     lg = config.logging
-    logger = loop.MetricsLogger(lg.dir, tensorboard=lg.tensorboard, wandb=lg.wandb, wandb_project=lg.wandb_project,
-                                config=config_dict)
+    logger = loop.MetricsLogger.from_config(config, config_dict)
     try:
         with parallel.use_mesh(mesh):
             result = loop.run_loop(
