@@ -4,6 +4,8 @@ task is the demo's job (xr_jax/demo.py); exact resume after a stop."""
 import json
 import os
 
+import pytest
+
 from tests import grpo_rewards  # noqa: F401  (registers the test rewards)
 from xr_jax import config as config_lib
 from xr_jax.train import grpo
@@ -50,3 +52,8 @@ def test_stopped_run_resumes_identically(tmp_path):
     resumed = {r["step"]: [r[k] for k in keys] for r in _log(tmp_path / "resumed")}
     assert sorted(resumed) == [1, 2, 3, 4]
     assert resumed == straight
+
+
+def test_reward_module_that_does_not_import_is_named(tmp_path):
+    with pytest.raises(ValueError, match="grpo.reward_modules: cannot import 'no_such_rewards'"):
+        grpo.main(_grpo_cfg(tmp_path, "grpo.reward_modules=[no_such_rewards]"))

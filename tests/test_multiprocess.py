@@ -1,8 +1,8 @@
 """Multi-host for real on one machine: `launch/local_multiprocess.sh` runs 2 processes x 2 CPU devices
 (jax.distributed on 127.0.0.1, gloo collectives), each feeding only its own rows of the global batch.
 
-They train exactly as 1 process with 4 devices does (fp32 losses within 1e-5), across a checkpoint
-save at step 6 and a restore in a second launch: the restored run continues at step 7 (not from
+They train exactly as 1 process with 4 devices does (fp32 metrics within 1e-5), across a checkpoint
+save and a restore in a second launch: the restored run continues at the next step (not from
 scratch) and only process 0 writes the metrics log. Each stage is one `Case`: a new trainer adds its
 CLI command here and is covered the same way.
 """
@@ -27,11 +27,20 @@ class Case:
     overrides: tuple[str, ...]
     steps: int  # total steps; the multi-process run stops after `stop_at`, saves, and is resumed
     stop_at: int
+    compare: tuple[str, ...]  # metrics that must agree within TOL at every step
+    falls: str  # a metric whose last steps must lie below its first: it trained
 
 
 CASES = [
     Case("sft", ("sft", "--config", "configs/tiny.yaml"),
-         ("mesh.shape=[1,4,1]", "train.steps=10", "checkpoint.every=3", "logging.progress=false"), 10, 6),
+         ("mesh.shape=[1,4,1]", "train.steps=10", "checkpoint.every=3", "logging.progress=false"), 10, 6,
+         ("loss", "input_tokens"), "loss"),
+    # Each process samples and scores its own prompts; the same rollouts (row keys follow the global row) and
+    # updates as one process. The test reward gives non-zero advantages from a random policy.
+    Case("grpo", ("grpo", "--config", "configs/tiny_grpo.yaml"),
+         ("mesh.shape=[1,4,1]", "train.steps=4", "checkpoint.every=2", "logging.progress=false",
+          "grpo.reward_modules=[tests.grpo_rewards]", "grpo.reward=test_even_length"), 4, 2,
+         ("reward_mean", "response_tokens", "grad_norm", "entropy", "input_tokens"), "entropy"),
 ]
 
 
@@ -79,7 +88,8 @@ def test_two_processes_equal_one_process_across_a_restore(case, tmp_path):
     # One record per step: the resumed launch continued at stop_at + 1, and process 1 logged nothing.
     assert [r["step"] for r in multi_records] == list(range(1, case.steps + 1))
     assert [r["step"] for r in single_records] == list(range(1, case.steps + 1))
-    got, want = np.array([r["loss"] for r in multi_records]), np.array([r["loss"] for r in single_records])
-    np.testing.assert_allclose(got, want, rtol=TOL, atol=0)
-    assert want[-3:].mean() < want[:3].mean(), want  # it trained
-    np.testing.assert_allclose([r["input_tokens"] for r in multi_records], [r["input_tokens"] for r in single_records])
+    for key in case.compare:
+        got, want = [[r[key] for r in records] for records in (multi_records, single_records)]
+        np.testing.assert_allclose(got, want, rtol=TOL, atol=0, err_msg=key)
+    curve = np.array([r[case.falls] for r in single_records])
+    assert curve[-2:].mean() < curve[:2].mean(), curve  # it trained

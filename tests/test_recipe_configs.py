@@ -33,7 +33,7 @@ def test_config_loads_and_names_real_things(path):
     cfg = _load(path)
     assert cfg.model.preset in presets.PRESETS, cfg.model.preset
     model = presets.preset(cfg.model.preset, dtype=cfg.model.dtype, remat=cfg.model.remat)
-    assert cfg.data.source == "random" or cfg.data.source in sources.FORMATS, cfg.data.source
+    assert cfg.data.source in ("random", "synthetic") or cfg.data.source in sources.FORMATS, cfg.data.source
     assert len(cfg.mesh.shape) == 3 and cfg.mesh.shape.count(-1) <= 1
     assert cfg.train.batch_size % cfg.train.microbatches == 0
     assert cfg.train.seq_len <= model.text.max_position_embeddings

@@ -158,6 +158,8 @@ class GRPOSection:
       length (paper: 4096). forced_exit: use the thinking budget `max_think` + `max_answer` in rollouts
       (paper: off in RL); mask_forced: keep forced-exit tokens out of the loss.
     reward: the reward function's registered name; format_weight: adds weight x the `format` reward.
+    reward_modules: modules imported at start so that the rewards they register (`@xr_jax.rewards.register`)
+      can be named in `reward`, e.g. ["my_lab.rewards"] (importable on every host).
     advantage: "grpo" ((r - mean) / (std + eps), unbiased std) or "dr_grpo" (r - mean).
     clip_low / clip_high / dual_clip / loss_agg / kl_coef / kl_type / entropy_coef: `GRPOLossConfig`;
       kl_coef 0 loads no reference model at all.
@@ -177,6 +179,7 @@ class GRPOSection:
     mask_forced: bool = True
     reward: str = "math"
     format_weight: float = 0.0
+    reward_modules: tuple[str, ...] = ()
     reward_timeout: float = 5.0
     reward_workers: Optional[int] = None
     advantage: str = "grpo"

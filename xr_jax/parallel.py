@@ -199,6 +199,63 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
             for k, v in local.items()}
 
 
+def process_rows(mesh: Mesh, n_local: int) -> tuple[int, int]:
+    """(first global row, global rows) of the batch whose rows this process feeds `n_local` of, as
+    `global_batch` lays them out (rows over ('data', 'fsdp'); a process holds a contiguous block)."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sorted({idx[0].start or 0 for idx in batch_sharding(mesh, 1).addressable_devices_indices_map((dp,)).values()})
+    if shards != list(range(shards[0], shards[0] + len(shards))):
+        raise MeshError(f"process {jax.process_index()}'s devices hold batch shards {shards}, not a contiguous "
+                        "block; build the mesh with parallel.make_mesh (devices in process order)")
+    if n_local % len(shards):
+        raise MeshError(f"{n_local} rows on this process do not split over its {len(shards)} batch shards")
+    per_shard = n_local // len(shards)
+    return shards[0] * per_shard, dp * per_shard
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows (axis 0, in order) of a batch-sharded array: the inverse of `global_batch`."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    pieces = {}
+    for shard in x.addressable_shards:
+        pieces.setdefault(shard.index[0].start or 0, shard.data)
+    return np.concatenate([np.asarray(pieces[k]) for k in sorted(pieces)])
+
+
+def all_rows(local: np.ndarray, mesh: Mesh) -> np.ndarray:
+    """Every process's rows of a batch in global row order, on every process (this process's are `local`)."""
+    if jax.process_count() == 1:
+        return local
+    starts = each_process(np.int64(process_rows(mesh, len(local))[0]))
+    pieces = each_process(local)
+    first = {int(s): i for i, s in reversed(list(enumerate(starts)))}  # processes holding the same rows: once
+    return np.concatenate([pieces[first[s]] for s in sorted(first)])
+
+
+def each_process(value: np.ndarray) -> np.ndarray:
+    """[process_count, *value.shape]: every process's `value`, on every process (e.g. per-process counters)."""
+    if jax.process_count() == 1:
+        return np.asarray(value)[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(value)))
+
+
+def put_global(full: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from the whole value, present on every process (each process places its shards)."""
+    return jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) global array, on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def initialize_distributed(mode: str = "auto", coordinator: Optional[str] = None,
                            num_processes: Optional[int] = None, process_id: Optional[int] = None) -> bool:
     """Call `jax.distributed.initialize` for multi-host runs; returns whether it was called.

@@ -181,8 +181,8 @@ def bucket(n: int, buckets: Sequence[int], what: str) -> int:
     raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]} (buckets {tuple(buckets)})")
 
 
-def prepare_prompts(prompts: Sequence[Prompt], cfg: ModelConfig, scfg: SamplingConfig) -> PromptBatch:
-    """Left-pad prompts into a bucket, compute M-RoPE positions, pack and pad image patches."""
+def prepare_prompts(prompts: Sequence[Prompt], cfg: ModelConfig, scfg: SamplingConfig, min_length: int = 0) -> PromptBatch:
+    """Left-pad prompts into a bucket (at least `min_length`), compute M-RoPE positions, pack and pad image patches."""
     if not prompts:
         raise ValueError("no prompts given")
     rows = [np.asarray(p.ids, np.int64).reshape(-1) for p in prompts]
@@ -198,7 +198,7 @@ def prepare_prompts(prompts: Sequence[Prompt], cfg: ModelConfig, scfg: SamplingC
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}") from None
     b = len(rows)
-    length = bucket(max(map(len, rows)), scfg.prompt_buckets, "prompt length")
+    length = bucket(max(max(map(len, rows)), min_length), scfg.prompt_buckets, "prompt length")
     ids = np.full((b, length), scfg.pad_id, np.int64)
     seg = np.zeros((b, length), np.int32)
     for i, r in enumerate(rows):
@@ -231,15 +231,17 @@ def cast_params(params, dtype):
     )
 
 
-def _row_keys(rng, n: int):
-    """Per-row PRNG keys from an int seed, one key (split), or n keys (used as given)."""
+def _row_keys(rng, n: int, span: Optional[tuple[int, int]] = None):
+    """Per-row PRNG keys from an int seed or one key (split into one key per global row; `span` = (first row,
+    global rows) picks this process's), or n keys (this process's rows' keys, used as given)."""
     if isinstance(rng, (int, np.integer)):
         rng = jax.random.key(int(rng))
     rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.wrap_key_data(rng.astype(jnp.uint32))
     if rng.ndim == 0:
-        return jax.random.split(rng, n)
+        start, total = span or (0, n)
+        return jax.random.split(rng, total)[start:start + n]
     if rng.shape != (n,):
         raise ValueError(f"rng holds {rng.shape[0]} keys but {n} rows are sampled (batch x group_size)")
     return rng
@@ -450,16 +452,38 @@ class Sampler:
         """
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
-        batch = prepare_prompts(prompts, self.cfg, self.scfg)
-        keys = _row_keys(rng, len(prompts) * group_size)
+        batch = prepare_prompts(prompts, self.cfg, self.scfg, self._global_max_length(prompts))
+        keys = self._keys(rng, len(prompts) * group_size)
         with self._context():
             cache, logits = prefill_jit(params, *self._place(batch), model=self.cfg)
             out = decode_jit(
-                params, cache, logits, self._put(batch.next_position), self._put(keys), self.knobs(),
+                params, cache, logits, self._put(batch.next_position), self._put_keys(keys), self.knobs(),
                 program=self.program(group_size),
             )
-        out = jax.device_get(out)
-        return SampleOutput(**{k: np.asarray(v) for k, v in out.items()}, group_size=group_size)
+        return SampleOutput(**{k: parallel.local_rows(v) for k, v in out.items()}, group_size=group_size)
+
+    # Multi-process: each process passes its own prompts (its block of the global batch, as `global_batch`
+    # lays rows out) and gets its own rows back; row keys follow the global row index, so the samples do not
+    # depend on the number of processes.
+
+    def _multi_process(self) -> bool:
+        return self.mesh is not None and jax.process_count() > 1
+
+    def _global_max_length(self, prompts: Sequence[Prompt]) -> int:
+        if not self._multi_process():
+            return 0
+        from jax.experimental import multihost_utils
+
+        local = max(np.asarray(p.ids).size for p in prompts) if prompts else 0
+        return int(np.max(multihost_utils.process_allgather(np.int32(local))))
+
+    def _keys(self, rng, n_local: int):
+        if not self._multi_process():
+            return _row_keys(rng, n_local)
+        if isinstance(rng, jax.Array) and not rng.is_fully_addressable:  # e.g. the replicated training rng
+            typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+            rng = np.asarray(jax.random.key_data(rng) if typed else rng)
+        return _row_keys(rng, n_local, parallel.process_rows(self.mesh, n_local))
 
     def _context(self):
         return parallel.use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -467,9 +491,17 @@ class Sampler:
     def _put(self, x, batch_axis: int = 0):
         if self.mesh is None:
             return jnp.asarray(x)
-        return jax.device_put(x, parallel.batch_sharding(self.mesh, np.ndim(x), batch_axis))
+        return jax.make_array_from_process_local_data(parallel.batch_sharding(self.mesh, np.ndim(x), batch_axis), x)
+
+    def _put_keys(self, keys):
+        if self.mesh is None:
+            return keys
+        return jax.random.wrap_key_data(self._put(np.asarray(jax.random.key_data(keys))))
 
     def _place(self, batch: PromptBatch):
+        if batch.pixel_values is not None and self._multi_process():
+            raise ValueError("image prompts are not supported in multi-process sampling yet (patches are not "
+                             "batch-sharded); sample them on one process")
         pixels = None if batch.pixel_values is None else jnp.asarray(batch.pixel_values)
         return (
             self._put(batch.input_ids), self._put(batch.positions, batch_axis=1), self._put(batch.segment_ids),

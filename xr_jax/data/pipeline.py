@@ -2,7 +2,9 @@
 
 Every pipeline is `MapDataset.range(rows) -> this host's shard -> seeded shuffle -> repeat(epochs) -> map
 (read + encode; a bad row becomes a `Skipped` marker) -> IterDataset -> skip-and-count -> pack/pad -> batch`.
-Shuffling happens per host after sharding, reshuffled each epoch; all randomness is a function of `seed`.
+SFT and eval shard by host first (every `process_count`-th row; SFT then shuffles per host): a packed SFT batch
+is a sum over rows. RL shuffles globally and gives each host its contiguous slice of every global batch, so
+the prompts and their order do not depend on the host count. All randomness is a function of `seed`.
 The iterator's `get_state()` is a JSON-serialisable dict (it includes the skip counters) and `set_state()`
 restores it, so a resumed run sees exactly the batches it would have seen (checkpoint it with the model).
 
@@ -210,6 +212,21 @@ def _indices(n_rows: int, process_index: int, process_count: int, trim: bool) ->
     if n_rows < process_count:
         raise ValueError(f"{n_rows} rows cannot be sharded over {process_count} processes")
     return grain.MapDataset.range(n_rows)[process_index::process_count]
+
+
+def _batch_slice(order: grain.MapDataset, batch_size: int, process_index: int, process_count: int) -> grain.MapDataset:
+    """This host's contiguous share of every global batch of `order` (global batches of `batch_size` rows).
+
+    The global batch is then the same rows in the same order for any number of hosts, so a GRPO run samples
+    the same responses on 1 host or many (row keys follow the global row index) and may resume on another
+    host count. With several hosts a trailing partial global batch is dropped (hosts must yield equally many
+    batches); one host reads `order` as it is."""
+    if process_count == 1:
+        return order
+    local = batch_size // process_count
+    n_local = len(order) // batch_size * local
+    return grain.MapDataset.range(n_local).map(
+        lambda j: order[j // local * batch_size + process_index * local + j % local])
 
 
 def _process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
@@ -438,11 +455,12 @@ def rl_pipeline(
     """GRPO prompt batches carrying the ground truth (this host's share of `config.batch_size`)."""
     process_index, process_count = _process(process_index, process_count)
     local_batch = _local_batch_size(config.batch_size, process_count)
-    ds = _indices(len(source), process_index, process_count, trim=True)
-    pass_rows = len(ds)
+    ds = grain.MapDataset.range(len(source))
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
-    ds = ds.repeat(config.num_epochs).map(_reader(source, lambda ex: encode_prompt(ex, tokenizer, config)))
+    ds = _batch_slice(ds.repeat(config.num_epochs), config.batch_size, process_index, process_count)
+    pass_rows = len(source) // process_count
+    ds = ds.map(_reader(source, lambda ex: encode_prompt(ex, tokenizer, config)))
     skip = _SkipBadRows(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads)), "rl", pass_rows if config.num_epochs is None else None)
     batch_fn = _prompt_batch_fn(config.max_prompt_len, tokenizer.special.pad)
     return Pipeline(skip.batch(local_batch, drop_remainder=True, batch_fn=batch_fn), skip)

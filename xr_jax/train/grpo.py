@@ -15,8 +15,9 @@ run continues exactly. The loop (checkpoints, preemption, NaN guard, logging) is
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ from xr_jax import parallel
 from xr_jax.eval_model import token_byte_table
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
-from xr_jax.sampling import ForcedExit, Prompt, Sampler, SamplingConfig, cast_params, prepare_prompts
+from xr_jax.sampling import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig, cast_params, prepare_prompts
 from xr_jax.train.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
 from xr_jax.train.losses import target_logprobs_and_lse
 from xr_jax.train.sft import _schedule_count, compute_grads
@@ -128,7 +129,8 @@ class Rollout:
     lengths: np.ndarray
     finish: list[str]
     forced_rows: np.ndarray
-    reward_stats: Any
+    timeouts: int
+    errors: int
 
 
 def build_rows(batch, out, adv: np.ndarray, group: int, mask_forced: bool) -> dict:
@@ -158,6 +160,11 @@ class GRPOTrainer:
         g = config.grpo
         self.g, self.model_cfg, self.tok, self.mesh, self.shardings = g, model_cfg, tokenizer, mesh, shardings
         self.lcfg = loss_config(g)
+        for module in g.reward_modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise ValueError(f"grpo.reward_modules: cannot import {module!r} ({e})") from None
         get_reward(g.reward)  # fail at start on an unknown reward name
         if g.format_weight:
             get_reward("format")
@@ -213,8 +220,14 @@ class GRPOTrainer:
         adv, zero_var = group_advantages(jnp.asarray(rewards), g.group_size, g.advantage)
         pbatch = prepare_prompts(prompts, self.model_cfg, self.scfg)
         rows = build_rows(pbatch, out, np.asarray(adv), g.group_size, g.mask_forced)
-        return Rollout(rows, rewards, correct, int(np.asarray(zero_var).sum()), out.lengths, out.finish_names(),
-                       out.forced.any(axis=1), stats)
+        # Each process sampled and scored its own prompts (whole groups); the update sees the global batch.
+        every = lambda x: parallel.all_rows(np.asarray(x), self.mesh)  # noqa: E731
+        rows = {k: every(v) if k != "positions" else np.moveaxis(every(np.moveaxis(v, 1, 0)), 0, 1)
+                for k, v in rows.items()}
+        counts = parallel.each_process(np.array([int(np.asarray(zero_var).sum()), stats.timeouts, stats.errors]))
+        return Rollout(rows, every(rewards), every(correct), int(counts[:, 0].sum()), every(out.lengths),
+                       [FINISH_NAMES[int(r)] for r in every(out.finish_reason)], every(out.forced.any(axis=1)),
+                       timeouts=int(counts[:, 1].sum()), errors=int(counts[:, 2].sum()))
 
     # -- one rollout step ---------------------------------------------------------------------------------
 
@@ -226,13 +239,13 @@ class GRPOTrainer:
         t_rollout = time.perf_counter() - t0
         rows = ro.rows
         n = len(ro.rewards)
-        put = lambda r: {k: jax.device_put(v, self.row_specs[k]) for k, v in r.items()}  # noqa: E731
+        put = lambda r: {k: parallel.put_global(v, self.row_specs[k]) for k, v in r.items()}  # noqa: E731
         if self.ref_params is not None:
-            rows["ref_logp"] = np.asarray(self.logprobs(self.ref_params, put(self._with_placeholders(rows))))
+            rows["ref_logp"] = parallel.host_array(self.logprobs(self.ref_params, put(self._with_placeholders(rows))))
         else:
             rows["ref_logp"] = np.zeros_like(rows["old_logp"])
         if g.old_logprobs == "recompute":
-            rows["old_logp"] = np.asarray(self.logprobs(state.params, put(self._with_placeholders(rows))))
+            rows["old_logp"] = parallel.host_array(self.logprobs(state.params, put(self._with_placeholders(rows))))
         mismatch = self._sampler_mismatch(state.params, rows, put) if g.old_logprobs == "sampler" else 0.0
         t1 = time.perf_counter()
         order = np.asarray(jax.random.permutation(update_key, n))
@@ -264,7 +277,7 @@ class GRPOTrainer:
             "ratio_mean_first": float(first["ratio_mean"]), "ratio_mean_last": float(last["ratio_mean"]),
             "kl": float(last.get("kl", 0.0)), "entropy": float(last.get("entropy", 0.0)),
             "sampler_logp_gap": mismatch,
-            "reward_timeouts": int(ro.reward_stats.timeouts), "reward_errors": int(ro.reward_stats.errors),
+            "reward_timeouts": ro.timeouts, "reward_errors": ro.errors,
             "rollout_time": t_rollout, "update_time": t_update,
             "input_tokens": float(rows["segment_ids"].sum() * g.update_passes),
             "response_tokens": float(mask.sum()),
@@ -280,7 +293,7 @@ class GRPOTrainer:
 
     def _sampler_mismatch(self, params, rows, put) -> float:
         """Mean |logp_sampler - logp_train| over loss tokens (the §1.9 gap; 0 up to fp error here)."""
-        train = np.asarray(self.logprobs(params, put(self._with_placeholders(rows))))
+        train = parallel.host_array(self.logprobs(params, put(self._with_placeholders(rows))))
         mask = rows["loss_mask"] > 0
         return float(np.abs(train - rows["old_logp"])[mask].mean()) if mask.any() else 0.0
 
