@@ -1,5 +1,5 @@
-"""The GRPO trainer end to end: on-policy ratios, clipping with several passes, learning on the synthetic
-task is the demo's job (xr_jax/demo.py); exact resume after a stop."""
+"""The GRPO trainer end to end: on-policy ratios, clipping with several passes, exact resume after a stop.
+That it learns is tests/test_grpo_learning.py."""
 
 import json
 import os
@@ -27,7 +27,7 @@ def _log(path):
 
 
 def test_on_policy_pass_has_ratio_one_and_no_clipping(tmp_path):
-    m = grpo.main(_grpo_cfg(tmp_path, "optim.lr=1e-3"))
+    m = grpo.main(_grpo_cfg(tmp_path, "optim.lr=1e-3", "grpo.gap_every=1"))
     assert abs(m["ratio_mean_first"] - 1.0) < 1e-5 and m["sampler_logp_gap"] < 1e-5
     assert m["clip_frac_low"] == 0.0 and m["clip_frac_high"] == 0.0
     assert 0 < m["zero_var_frac"] < 1 and m["response_tokens"] > 0
@@ -35,8 +35,9 @@ def test_on_policy_pass_has_ratio_one_and_no_clipping(tmp_path):
 
 def test_second_pass_moves_the_ratio_and_clipping_engages(tmp_path):
     m = grpo.main(_grpo_cfg(tmp_path, "optim.lr=3e-2", "grpo.update_passes=3", "grpo.minibatches=2"))
-    first = _log(tmp_path)[0]
+    first, second = _log(tmp_path)
     assert abs(first["ratio_mean_first"] - 1.0) < 1e-5  # the first minibatch is on-policy
+    assert "sampler_logp_gap" in first and "sampler_logp_gap" not in second  # grpo.gap_every=10: step 1, 11, ...
     assert abs(m["ratio_mean_last"] - 1.0) > 1e-3
     assert m["clip_frac_low"] + m["clip_frac_high"] > 0
 

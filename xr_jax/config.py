@@ -166,6 +166,8 @@ class GRPOSection:
     minibatches: optimizer steps per rollout batch (1 = the paper's literal reading); update_passes: passes
       over the rollout batch; microbatches: gradient accumulation inside each optimizer step.
     old_logprobs: "sampler" (pi_old = the rollout's log-probs) or "recompute" (a training forward first).
+    gap_every: with "sampler", log `sampler_logp_gap` (mean |sampler - trainer log-prob|, one extra forward) on
+      the first rollout step and every `gap_every` steps after; 0 = never.
     sampler_dtype: sample with a copy of the params in this dtype (None: the params as they are).
     """
 
@@ -194,6 +196,7 @@ class GRPOSection:
     update_passes: int = 1
     microbatches: int = 1
     old_logprobs: str = "sampler"
+    gap_every: int = 10
     sampler_dtype: Optional[str] = None
 
 
@@ -240,6 +243,8 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+        if self.grpo.gap_every < 0:
+            raise ConfigError(f"config key 'grpo.gap_every' must be >= 0 (0 = never), got {self.grpo.gap_every}")
         if self.train.batch_size % self.train.microbatches:
             raise ConfigError(
                 f"train.batch_size {self.train.batch_size} is not divisible by train.microbatches "

@@ -246,7 +246,8 @@ class GRPOTrainer:
             rows["ref_logp"] = np.zeros_like(rows["old_logp"])
         if g.old_logprobs == "recompute":
             rows["old_logp"] = parallel.host_array(self.logprobs(state.params, put(self._with_placeholders(rows))))
-        mismatch = self._sampler_mismatch(state.params, rows, put) if g.old_logprobs == "sampler" else 0.0
+        check_gap = g.old_logprobs == "sampler" and g.gap_every > 0 and int(state.step) % g.gap_every == 0
+        gap = {"sampler_logp_gap": self._sampler_mismatch(state.params, rows, put)} if check_gap else {}
         t1 = time.perf_counter()
         order = np.asarray(jax.random.permutation(update_key, n))
         per = n // g.minibatches
@@ -276,11 +277,11 @@ class GRPOTrainer:
             "clip_frac_low": float(last["clip_frac_low"]), "clip_frac_high": float(last["clip_frac_high"]),
             "ratio_mean_first": float(first["ratio_mean"]), "ratio_mean_last": float(last["ratio_mean"]),
             "kl": float(last.get("kl", 0.0)), "entropy": float(last.get("entropy", 0.0)),
-            "sampler_logp_gap": mismatch,
             "reward_timeouts": ro.timeouts, "reward_errors": ro.errors,
             "rollout_time": t_rollout, "update_time": t_update,
             "input_tokens": float(rows["segment_ids"].sum() * g.update_passes),
             "response_tokens": float(mask.sum()),
+            **gap,
         }
         return state, metrics
 
