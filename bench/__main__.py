@@ -91,7 +91,6 @@ def sft_section(size: Size, dtype: str, reps: int, on_gpu: bool, ceil: dict) -> 
             row["planned_bytes"] = train_step.planned_bytes(cfg, batch)
             row["peak_bytes"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"]
         rows.append(row)
-        del xr, pt
     return rows
 
 

@@ -69,12 +69,10 @@ def jax_runner(cfg, batch: dict, warmup: int, microbatches: int, chunk: int):
 def planned_bytes(cfg, batch: dict, chunk: int = 1024) -> int:
     """Per-device bytes XLA plans for the SFT step (arguments + outputs + temporaries - aliased), as
     `xr-jax plan` reports them, but compiled for the device at hand."""
-    from xr_jax import parallel
     from xr_jax.config import OptimSection
     from xr_jax.models.qwen2_5_vl import init_params
     from xr_jax.train import sft, state as state_lib
 
-    mesh = parallel.make_mesh((-1, 1, 1))
     tx, schedule = state_lib.make_optimizer(OptimSection(lr=1e-5, schedule="constant"), 1000)
     abstract = jax.eval_shape(lambda: state_lib.init_state(lambda k: init_params(cfg, k), tx, 0, None))
     step = jax.jit(sft.make_train_step(cfg, tx, schedule, chunk=chunk), donate_argnums=0)
