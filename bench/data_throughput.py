@@ -1,7 +1,7 @@
 """Examples/s and tokens/s of the SFT data pipeline (read, template, tokenize, pack, batch) on GSM8K.
 
-    python bench/data_throughput.py                              # the 50-row test fixture, repeated
-    python bench/data_throughput.py --data PATH/gsm8k/train.jsonl --threads 1 2
+    python -m bench.data_throughput                              # the 50-row test fixture, repeated
+    python -m bench.data_throughput --data PATH/gsm8k/train.jsonl --threads 1 2
 
 Prints one line per setting and a markdown table for docs/benchmarks.md. The question it answers: can one
 host's loader feed the trainer? (the paper's SFT step eats 128 x 4096 tokens).
@@ -18,7 +18,7 @@ from xr_jax.data import pipeline as P
 from xr_jax.data.sources import load_source
 from xr_jax.data.tokenizer import load_tokenizer
 
-from machine import cpu_model  # bench/ is sys.path[0] when a bench runs as a script
+from bench.machine import cpu_model
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "data" / "gsm8k_test_50.jsonl"
 

@@ -1,8 +1,8 @@
 """Greedy decode tokens/s of the xr_jax sampler, side by side with transformers `generate` (same weights).
 
-    python bench/sampler.py --shape tiny                          # CPU: the tests' tiny model
-    python bench/sampler.py --shape small --batch 1 8             # CPU: a 4-layer, 8k-vocab model
-    python bench/sampler.py --shape qwen2.5-0.5b --dtype bfloat16 --new 256 --prompt 128   # GPU
+    python -m bench.sampler --shape tiny                          # CPU: the tests' tiny model
+    python -m bench.sampler --shape small --batch 1 8             # CPU: a 4-layer, 8k-vocab model
+    python -m bench.sampler --shape qwen2.5-0.5b --dtype bfloat16 --new 256 --prompt 128   # GPU
 
 Both sides: random weights (nothing downloaded), the same prompts, greedy, exactly `--new` tokens per
 row (no stop ids; transformers with eos off, min_new_tokens = max_new_tokens, no filters or penalties,
@@ -30,22 +30,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from xr_jax import sampling
-from xr_jax.models.config import ModelConfig, TextConfig, tiny_vl_config
+from xr_jax.models.config import ModelConfig, TextConfig
+from xr_jax.models.presets import preset
 from xr_jax.models.qwen2_5_vl import init_params
 
-from machine import cpu_model  # bench/ is sys.path[0] when a bench runs as a script
+from bench.machine import cpu_model, datasheet_hbm
 
 SHAPES = {
     # the tests' tiny model (text part): the CPU bar
-    "tiny": tiny_vl_config(vision=None).text,
+    "tiny": preset("tiny").text,
     "small": TextConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
                         num_kv_heads=2, mrope_section=None, tie_word_embeddings=True),
-    "qwen2.5-0.5b": TextConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
-                               num_heads=14, num_kv_heads=2, mrope_section=None, tie_word_embeddings=True),
-    "qwen2.5-1.5b": TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
-                               num_heads=12, num_kv_heads=2, mrope_section=None, tie_word_embeddings=True),
+    **{name: preset(name).text for name in ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b")},
 }
-PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, datasheet (SXM)
 
 
 def model_config(shape: str, dtype: str) -> ModelConfig:
@@ -173,7 +170,7 @@ def main(argv=None) -> None:
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, cfg.param_dtype), params)
     peak = args.peak_gbs * 1e9 if args.peak_gbs else None
     if peak is None and on_gpu:
-        peak = next((v for k, v in PEAK_HBM.items() if k in device.device_kind), None)
+        peak = datasheet_hbm(device.device_kind)
 
     rng = np.random.RandomState(0)
     rows = []

@@ -5,8 +5,11 @@ token cross-entropy, backward, global-norm clipping, AdamW. fp32 on CPU; on GPU,
 fp32 master weights on both sides (JAX: `dtype=bfloat16`; PyTorch: `torch.autocast(bfloat16)`).
 Needs only jax/flax/optax/numpy (and torch/transformers for the comparison) — no grain, no datasets.
 
-  python bench/train_step.py --shape small --batch 4 --seq 256           # CPU
-  python bench/train_step.py --shape qwen2.5-1.5b --batch 4 --seq 4096 --dtype bfloat16 --remat full  # GPU
+  python -m bench.train_step --shape small --batch 4 --seq 256           # CPU
+  python -m bench.train_step --shape qwen2.5-1.5b --batch 1 --seq 4096   # GPU (bf16)
+
+The suite (`python -m bench`) calls `jax_runner` / `torch_runner` in one process, alternating; this
+script's own main runs each side in a child process instead.
 """
 
 from __future__ import annotations
@@ -14,15 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+from bench.machine import describe
 
 
 def batch_arrays(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
@@ -62,6 +64,20 @@ def jax_runner(cfg, batch: dict, warmup: int, microbatches: int, chunk: int):
 
     run(warmup)
     return run
+
+
+def planned_bytes(cfg, batch: dict, chunk: int = 1024) -> int:
+    """Per-device bytes XLA plans for the SFT step (arguments + outputs + temporaries - aliased), as
+    `xr-jax plan` reports them, but compiled for the device at hand."""
+    from xr_jax.config import OptimSection
+    from xr_jax.models.qwen2_5_vl import init_params
+    from xr_jax.train import sft, state as state_lib
+
+    tx, schedule = state_lib.make_optimizer(OptimSection(lr=1e-5, schedule="constant"), 1000)
+    abstract = jax.eval_shape(lambda: state_lib.init_state(lambda k: init_params(cfg, k), tx, 0, None))
+    step = jax.jit(sft.make_train_step(cfg, tx, schedule, chunk=chunk), donate_argnums=0)
+    m = step.lower(abstract, jax.eval_shape(lambda: batch)).compile().memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
 def torch_runner(cfg, batch: dict, warmup: int, dtype: str):
@@ -110,18 +126,6 @@ def torch_runner(cfg, batch: dict, warmup: int, dtype: str):
     return run
 
 
-def machine() -> str:
-    dev = jax.devices()[0]
-    if dev.platform != "cpu":
-        return f"{dev.device_kind} x{jax.device_count()}"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor()
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="small", help="model preset: tiny, small, qwen2.5-1.5b, ...")
@@ -156,7 +160,7 @@ def main() -> None:
     tokens = args.batch * args.seq
     step_flops = flops.text_train_flops(cfg, tokens, args.seq)
     peak = (args.peak_flops or flops.peak_flops()) * jax.device_count()
-    res = {"machine": machine(), "shape": args.shape, "dtype": dtype, "batch": args.batch, "seq": args.seq,
+    res = {"machine": describe(), "shape": args.shape, "dtype": dtype, "batch": args.batch, "seq": args.seq,
            "remat": args.remat, "step_tflop": step_flops / 1e12, "peak_tflops": peak / 1e12}
     if args.only:
         if args.only == "jax":
@@ -169,7 +173,8 @@ def main() -> None:
     best = {side: float("inf") for side in sides}
     for _ in range(args.repeats):
         for side in sides:
-            out = subprocess.run([sys.executable, *sys.argv, "--only", side], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-m", "bench.train_step", *sys.argv[1:], "--only", side],
+                                 capture_output=True, text=True, check=True)
             best[side] = min(best[side], json.loads(out.stdout.strip().splitlines()[-1])["step_s"])
     t_jax = best["jax"]
     res.update(jax_step_s=t_jax, jax_tokens_per_s=tokens / t_jax, jax_mfu=step_flops / t_jax / peak)

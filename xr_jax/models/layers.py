@@ -24,6 +24,36 @@ def dense_init(axes: Sequence[str], init=nn.initializers.normal(0.02)):
     return nn.with_logical_partitioning(init, tuple(axes))
 
 
+def _matmul_fwd(x, w):
+    return jnp.dot(x, w), (x, w)
+
+
+def _matmul_bwd(res, g):
+    x, w = res
+    rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+    # the barrier keeps x^T a real (small) array: without it XLA folds the transpose into the dot and,
+    # on CPU, transposes the (large) output gradient instead and runs a slow non-canonical dot
+    dw = jnp.dot(jax.lax.optimization_barrier(rows(x).T), rows(g))
+    return jnp.dot(g, w.T), dw
+
+
+@jax.custom_vjp
+def _matmul_cpu(x, w):
+    return jnp.dot(x, w)
+
+
+_matmul_cpu.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x, w):
+    """x [..., K] @ w [K, N]. On CPU the backward computes the weight gradient as (x^T) @ g with x^T
+    materialised: XLA:CPU otherwise runs these dots 2-3x slower (measured: the SFT step of the `small`
+    preset 1.17 s -> 0.81 s on one core). Elsewhere plain autodiff (GPU/TPU gemms take transposes for free)."""
+    if jax.default_backend() == "cpu":
+        return _matmul_cpu(x, w)
+    return jnp.dot(x, w)
+
+
 class Dense(nn.Module):
     """y = x @ kernel (+ bias), kernel (in, out) with logical axes; computes in `dtype`."""
 
@@ -36,7 +66,7 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", dense_init(self.axes), (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param(
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 from xr_jax.models.config import ModelConfig, TextConfig, VisionConfig, tiny_vl_config
 
+_QWEN25_0_5B = TextConfig(
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
+    rope_theta=1e6, mrope_section=None, tie_word_embeddings=True, max_position_embeddings=32768,
+)
 _QWEN25_1_5B = TextConfig(
     vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2,
+    rope_theta=1e6, mrope_section=None, tie_word_embeddings=True, max_position_embeddings=32768,
+)
+_QWEN25_3B = TextConfig(
+    vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36, num_heads=16, num_kv_heads=2,
     rope_theta=1e6, mrope_section=None, tie_word_embeddings=True, max_position_embeddings=32768,
 )
 _QWEN25_VL_3B = TextConfig(
@@ -29,7 +37,9 @@ PRESETS = {
         vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=2,
         mrope_section=(4, 6, 6), max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
     )),
+    "qwen2.5-0.5b": lambda: ModelConfig(text=_QWEN25_0_5B, vision=None),
     "qwen2.5-1.5b": lambda: ModelConfig(text=_QWEN25_1_5B, vision=None),
+    "qwen2.5-3b": lambda: ModelConfig(text=_QWEN25_3B, vision=None),
     "qwen2.5-7b": lambda: ModelConfig(text=_QWEN25_7B, vision=None),
     "qwen2.5-vl-3b": lambda: ModelConfig(
         text=_QWEN25_VL_3B, vision=VisionConfig(out_hidden_size=2048)),

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xr_jax.models.config import ModelConfig, TextConfig
-from xr_jax.models.layers import MLP, Dense, RMSNorm, apply_rotary, as_dtype, remat_policy
+from xr_jax.models.layers import MLP, Dense, RMSNorm, apply_rotary, as_dtype, matmul, remat_policy
 
 Cache = dict[str, Any]
 
@@ -50,8 +50,10 @@ def attention_mask(q_segment, kv_segment, q_index, kv_index):
 def dot_product_attention(q, k, v, mask, impl: str, dtype):
     """q [B,T,N,H], k/v [B,S,K,H] (GQA: query head i uses kv head i // (N/K)); mask [B,1,T,S] bool.
 
-    "einsum" mirrors transformers' eager path (scores in the compute dtype, softmax in fp32, cast
-    back); "cudnn" is the fused flash kernel of `jax.nn.dot_product_attention` on GPU.
+    "einsum" mirrors transformers' eager path (scores in the compute dtype plus an additive mask of the
+    dtype's min, softmax in fp32, cast back); "cudnn" is the fused flash kernel of
+    `jax.nn.dot_product_attention` on GPU. Additive rather than a select: the backward then needs no mask
+    (on CPU the select's cotangent pass was a tenth of the attention time).
     """
     b, t, n, h = q.shape
     kh = k.shape[2]
@@ -60,7 +62,7 @@ def dot_product_attention(q, k, v, mask, impl: str, dtype):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
     q = q.reshape(b, t, kh, n // kh, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * jnp.asarray(scale, dtype)
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(scores.dtype).min)
+    scores = scores + jnp.where(mask, 0, jnp.finfo(dtype).min).astype(dtype)[:, :, None]
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
@@ -181,8 +183,9 @@ class TextModel(nn.Module):
         return self.norm(h), {"k": k, "v": v, "segment_ids": kv_segment, "index": start + t}
 
     def attend(self, h):
-        """Tied LM head: logits = h @ embedding.T."""
-        return self.embed_tokens.attend(h)
+        """Tied LM head: logits = h @ embedding.T (as `nn.Embed.attend`, through `layers.matmul`)."""
+        dtype = as_dtype(self.cfg.dtype)
+        return matmul(h.astype(dtype), self.embed_tokens.embedding.astype(dtype).T)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:

@@ -1,0 +1,30 @@
+"""bench/gpu.sh at the tiny size on CPU: the suite runs end to end, writes its JSON, prints one table, stays
+off grain/datasets, and the decode of both sides emits the same greedy tokens (fp32)."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_runs_the_suite_at_tiny_size_on_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on a real run
+    env.update(XR_BENCH_SIZE="tiny", XR_BENCH_REPS="1", OUT=str(tmp_path), PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["imported_grain_or_datasets"] == []
+    rows = result["rows"]
+    assert {r["section"] for r in rows} == {"sft", "prefill", "decode", "grpo rollout", "grpo update"}
+    assert [r["setting"] for r in rows if r["section"] == "decode"] == ["B=1 new=8", "B=8 new=8", "B=64 new=8"]
+    for r in rows:
+        assert r["xr_jax"] > 0 and r["torch"] > 0 and math.isfinite(r["xr_jax"] + r["torch"]), r
+    assert all(r["same_tokens"] == 1.0 for r in rows if r["section"] == "decode")
+    assert result["ceilings"]["copy_bytes_per_s"] > 0 and result["ceilings"]["matmul_flops"] > 0
+    table = proc.stdout.strip().splitlines()
+    assert table[-len(rows) - 2].startswith("| section |") and table[-1].startswith("| grpo update | tiny |")
