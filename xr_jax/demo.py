@@ -57,7 +57,8 @@ def evaluate(model_dir: str, images: bool, n: int, seed: int = 1234) -> float:
 
     tok = load_tokenizer("tiny")
     cfg, params = convert.load_model(model_dir)
-    src = synthetic_source(SyntheticConfig(num_examples=n, seed=seed, max_steps=1, max_operand=3, images=images))
+    src = synthetic_source(SyntheticConfig(num_examples=n, seed=seed, max_steps=1, max_operand=3,
+                                                 tasks=("image-cot",) if images else ("text-cot",)))
     pcfg = pipeline.PromptBatchConfig(prompt=pipeline.PromptConfig(template="plain"))
     prompts, answers = [], []
     for i in range(n):
@@ -82,7 +83,7 @@ def main(out_dir: str = "runs/demo", quick: bool = False) -> dict:
     t0 = time.perf_counter()
     print(f"xr-jax demo ({'quick' if quick else 'full'}): writing to {out_dir}", flush=True)
     stages = [
-        ("base", sft.main, ["model.preset=tiny-vl", "data.synthetic.images=true", "data.synthetic.direct=true",
+        ("base", sft.main, ["model.preset=tiny-vl", "data.synthetic.tasks=[image-direct]",
                             "data.pack=false", "train.batch_size=8", "train.seq_len=192", "optim.lr=2e-3",
                             f"train.steps={size.base_steps}"]),
         ("sft", sft.main, [f"model.path={out_dir}/base/model", "train.batch_size=16", "train.seq_len=512",
