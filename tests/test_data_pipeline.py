@@ -95,7 +95,7 @@ def test_truncation_and_prompt_too_long(tok):
 
 
 def test_padding_mode_with_images(tok):
-    src = synthetic.synthetic_source(synthetic.SyntheticConfig(num_examples=6, images=True, image_size=(112, 224)))
+    src = synthetic.synthetic_source(synthetic.SyntheticConfig(num_examples=6, tasks=("image-cot",), image_size=(112, 224)))
     cfg = P.SFTConfig(max_len=256, batch_size=3, pack=False, num_epochs=1)
     batch = next(iter(P.sft_pipeline(src, tok, cfg, process_index=0, process_count=1)))
     assert batch["pixel_values"].shape == (3 * 8 * 16, 1176) and batch["pixel_values"].dtype == np.float32
@@ -249,8 +249,24 @@ def test_rl_global_batches_do_not_depend_on_the_host_count(tok):
     assert len(set(epoch1)) == 8 and len(set(epoch2)) == 8 and epoch1 != epoch2  # no repeats; reshuffled
 
 
+def test_mixed_text_and_image_rows(tok):
+    """A source mixing text and image tasks: text rows carry no patches, image arrays stay in row order."""
+    src = synthetic.synthetic_source(synthetic.SyntheticConfig(num_examples=8, tasks=("text-direct", "image-read")))
+    cfg = P.SFTConfig(max_len=256, batch_size=4, pack=False, shuffle=False, num_epochs=1)
+    batch = next(iter(P.sft_pipeline(src, tok, cfg, process_index=0, process_count=1)))
+    pads = (batch["input_ids"] == tok.special.image_pad).sum(1)
+    np.testing.assert_array_equal(pads, [0, 32, 0, 32])
+    np.testing.assert_array_equal(batch["image_grid_thw"], [[1, 8, 16]] * 2)
+    expected = np.concatenate([P.encode_sft(src[i], tok, cfg)["pixel_values"] for i in (1, 3)])
+    np.testing.assert_array_equal(batch["pixel_values"], expected)
+    prompts = next(iter(P.eval_pipeline(src, tok, P.PromptBatchConfig(batch_size=4, max_prompt_len=200),
+                                        process_index=0, process_count=1)))
+    np.testing.assert_array_equal((prompts["prompt_ids"] == tok.special.image_pad).sum(1), [0, 32, 0, 32])
+    np.testing.assert_array_equal(prompts["pixel_values"], expected)
+
+
 def test_rl_image_prompt_over_budget_is_dropped_not_truncated(tok):
-    src = synthetic.synthetic_source(synthetic.SyntheticConfig(num_examples=8, images=True))
+    src = synthetic.synthetic_source(synthetic.SyntheticConfig(num_examples=8, tasks=("image-cot",)))
     full = P.rl_pipeline(src, tok, P.PromptBatchConfig(batch_size=2, max_prompt_len=200, num_epochs=1),
                          process_index=0, process_count=1)
     batch = next(iter(full))

@@ -146,8 +146,32 @@ def test_synthetic_task_is_deterministic_and_verifiable():
         synthetic.synthetic_source(synthetic.SyntheticConfig(min_steps=3, max_steps=2))
 
 
+def test_synthetic_task_mix_cycles_tasks_and_restates():
+    cfg = synthetic.SyntheticConfig(num_examples=8, seed=2, tasks=("text-direct", "image-read", "text-cot"), restate=True)
+    src = synthetic.synthetic_source(cfg)
+    assert src.has_images
+    for i in range(8):
+        ex, problem = src[i], synthetic.make_problem(cfg, i)
+        task = cfg.tasks[i % 3]
+        assert ex.meta["task"] == task and ex.meta["expression"] == problem.expression
+        if task == "text-direct":
+            assert ex.question == f"What is {problem.expression}?" and not ex.images
+            assert ex.response == f"<answer>{problem.answer}</answer>" and ex.answer == str(problem.answer)
+        elif task == "image-read":
+            assert ex.question == synthetic.READ_QUESTION and len(ex.images) == 1
+            assert ex.response == f"The expression is {problem.expression}." == ex.response.strip()
+            assert ex.answer == problem.expression
+        else:
+            thinking = ex.response.split("<think>\n")[1].split("\n</think>")[0].splitlines()
+            assert thinking == [f"The expression is {problem.expression}.", *problem.steps] and not ex.images
+    plain = synthetic.synthetic_source(synthetic.SyntheticConfig(num_examples=1, seed=2))
+    assert "The expression is" not in plain[0].response and not plain.has_images
+    with pytest.raises(ValueError, match="unknown synthetic task.*'image-ocr'"):
+        synthetic.synthetic_source(synthetic.SyntheticConfig(tasks=("text-cot", "image-ocr")))
+
+
 def test_synthetic_images_are_large_clear_renderings():
-    src = synthetic.synthetic_source(synthetic.SyntheticConfig(num_examples=4, images=True, image_size=(112, 224)))
+    src = synthetic.synthetic_source(synthetic.SyntheticConfig(num_examples=4, tasks=("image-cot",), image_size=(112, 224)))
     ex = src[0]
     assert src.has_images and ex.question == synthetic.IMAGE_QUESTION and len(ex.images) == 1
     image = ex.images[0]
@@ -156,4 +180,4 @@ def test_synthetic_images_are_large_clear_renderings():
         rows, cols = np.nonzero(src[i].images[0].min(axis=2) < 128)
         assert rows.max() - rows.min() > 20 and cols.max() - cols.min() > 0.3 * 224
         assert abs((rows.max() + rows.min()) / 2 - 56) < 8 and abs((cols.max() + cols.min()) / 2 - 112) < 12
-    np.testing.assert_array_equal(image, synthetic.synthetic_source(synthetic.SyntheticConfig(num_examples=4, images=True))[0].images[0])
+    np.testing.assert_array_equal(image, synthetic.synthetic_source(synthetic.SyntheticConfig(num_examples=4, tasks=("image-cot",)))[0].images[0])

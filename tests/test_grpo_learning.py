@@ -22,7 +22,7 @@ from xr_jax import config as config_lib
 from xr_jax.train import grpo, sft
 
 TASK = ["data.tokenizer=tiny", "data.source=synthetic", "data.synthetic.max_steps=1", "data.synthetic.max_operand=2",
-        "data.synthetic.direct=true", "data.prompt_template=plain", "optim.schedule=constant", "logging.progress=false"]
+        "data.synthetic.tasks=[text-direct]", "data.prompt_template=plain", "optim.schedule=constant", "logging.progress=false"]
 STEPS = 16  # rollout steps
 MARGIN = 0.1  # held-out sampled reward after GRPO minus before must exceed this
 HELD_OUT_SEED, HELD_OUT, SAMPLES = 4321, 64, 8
@@ -39,7 +39,7 @@ def sampled_reward(model_dir: str, seed: int = 0) -> float:
     tok = load_tokenizer("tiny")
     cfg, params = convert.load_model(model_dir)
     src = synthetic_source(SyntheticConfig(num_examples=HELD_OUT, seed=HELD_OUT_SEED, max_steps=1, max_operand=2,
-                                           direct=True))
+                                           tasks=("text-direct",)))
     pcfg = pipeline.PromptBatchConfig(prompt=pipeline.PromptConfig(template="plain"))
     encoded = [pipeline.encode_prompt(src[i], tok, pcfg) for i in range(HELD_OUT)]
     scfg = SamplingConfig(temperature=1.0, max_new_tokens=24, stop_ids=tok.special.stop_ids, pad_id=tok.special.pad,

@@ -52,12 +52,14 @@ class DataSection:
     """source: "random" (built-in deterministic token batches, for smoke tests and benches), "synthetic" (the
     built-in arithmetic task, `synthetic` sets it up) or a `sources` format name read from `path`. pack:
     first-fit packing of examples into rows (text only). prompt_template: how a question becomes the user turn
-    (`templates.PROMPT_TEMPLATES`: the paper's "x_reasoner_train", "plain", ...)."""
+    (`templates.PROMPT_TEMPLATES`: the paper's "x_reasoner_train", "plain", ...). system: the system message
+    (None: the chat template's default, "You are a helpful assistant.")."""
 
     source: str = "random"
     path: Optional[str] = None
     synthetic: SyntheticConfig = SyntheticConfig()
     prompt_template: str = "x_reasoner_train"
+    system: Optional[str] = None
     split: str = "train"
     pack: bool = True
     shuffle: bool = True

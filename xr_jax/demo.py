@@ -1,11 +1,15 @@
 """`xr-jax demo`: the whole recipe in miniature, on CPU, from scratch, with no downloads.
 
-A small Qwen2.5-VL-architecture model (random init, the byte-level `tiny` tokenizer) and the built-in
-synthetic arithmetic task, as text and rendered into images:
-  stage 0  "base": a short SFT in which the model reads rendered problems and answers directly;
-  stage 1  SFT on text-only chain-of-thought traces (`<think>…</think><answer>…</answer>`);
+A small Qwen2.5-VL-architecture model (random init, preset `demo-vl`, the byte-level `tiny` tokenizer) and the
+built-in synthetic arithmetic task, as text and rendered into images:
+  stage 0  "base": a short SFT that makes the VLM a base model: it answers text and image problems directly
+           and transcribes images ("The expression is 2 + 3."), i.e. its language side learns to read the
+           (frozen, random) vision tower's features, as OCR pre-training teaches a real VLM;
+  stage 1  SFT on text-only chain-of-thought traces (`<think>…</think><answer>…</answer>`) that open by
+           restating the problem, under a reasoning instruction;
   stage 2  GRPO on text only (math reward, group advantages, clip-higher, k3 KL);
-  eval     greedy with forced exit on held-out text and image problems, for base / SFT / SFT+GRPO.
+  eval     greedy with forced exit on held-out text and image problems, for base / SFT / SFT+GRPO, each model
+           with the prompt of its last stage, the same for text and images (`EVAL_TEMPLATE`).
 It prints the accuracy table, and writes each stage's checkpoints and metrics log plus a PNG of the curves:
 the paper's question — does text-only reasoning training transfer to images? — at toy scale.
 """
@@ -30,12 +34,23 @@ class DemoSize:
     eval_problems: int
 
 
-FULL = DemoSize(base_steps=150, sft_steps=150, grpo_steps=12, eval_problems=64)
+FULL = DemoSize(base_steps=800, sft_steps=100, grpo_steps=12, eval_problems=64)
 QUICK = DemoSize(base_steps=12, sft_steps=20, grpo_steps=2, eval_problems=16)
 
+IMAGE_SIZE = (56, 112)  # 4 x 8 patches, 8 image tokens: short rows, so the base stage sees many examples
 TASK = ["data.tokenizer=tiny", "data.source=synthetic", "data.synthetic.max_steps=1", "data.synthetic.max_operand=3",
-        "data.prompt_template=plain", "optim.schedule=constant", "train.freeze_vision=false"]
-MAX_THINK, MAX_ANSWER = 40, 12
+        f"data.synthetic.image_size=[{IMAGE_SIZE[0]},{IMAGE_SIZE[1]}]", "data.system=", "optim.schedule=constant",
+        # The vision tower stays at its random init in every stage, standing in for a pre-trained encoder: trained
+        # from scratch in the base stage (lr 2e-3) its outputs collapsed to one vector for every image.
+        "train.freeze_vision=true"]
+# The base stage's mix (batch size a multiple of 4: every batch holds the same mix, so one compiled program).
+BASE_TASKS = "[text-direct,image-read,image-direct,image-read]"
+# Stages 1-2: the reasoning instruction, and traces that open by restating the problem.
+REASONING = ["data.prompt_template=think", "data.synthetic.restate=true"]
+# Each model is asked as in its last training stage (the same template for text and image problems): the base
+# model with the bare question, the SFT and SFT+GRPO models with the reasoning instruction.
+EVAL_TEMPLATE = {"base": "plain", "sft": "think", "grpo": "think"}
+MAX_THINK, MAX_ANSWER = 64, 12  # a restating trace is about 45 tokens
 
 
 def _stage(name: str, out: str, overrides: list[str]):
@@ -46,34 +61,40 @@ def _stage(name: str, out: str, overrides: list[str]):
     return cfg
 
 
-def evaluate(model_dir: str, images: bool, n: int, seed: int = 1234) -> float:
-    """Greedy accuracy with forced exit on `n` held-out problems (a seed no training stage used)."""
+def evaluate(model_dir: str, task: str, n: int, template: str = "think", seed: int = 1234) -> tuple[float, float]:
+    """(accuracy, read) of greedy decoding with forced exit on `n` held-out problems of synthetic `task` (a seed no
+    training stage used). `read`: the fraction of outputs that state the problem's expression ("The expression is
+    2 + 3.") — on image problems, whether the model read the image."""
     from xr_jax import convert, rewards
     from xr_jax.data import pipeline
-    from xr_jax.data.synthetic import SyntheticConfig, synthetic_source
+    from xr_jax.data.synthetic import SyntheticConfig, make_problem, statement, synthetic_source
     from xr_jax.data.tokenizer import load_tokenizer
     from xr_jax.eval_model import token_byte_table
     from xr_jax.sampling import ForcedExit, Prompt, Sampler, SamplingConfig
 
     tok = load_tokenizer("tiny")
     cfg, params = convert.load_model(model_dir)
-    src = synthetic_source(SyntheticConfig(num_examples=n, seed=seed, max_steps=1, max_operand=3, images=images))
-    pcfg = pipeline.PromptBatchConfig(prompt=pipeline.PromptConfig(template="plain"))
+    scfg = SyntheticConfig(num_examples=n, seed=seed, max_steps=1, max_operand=3, image_size=IMAGE_SIZE, tasks=(task,))
+    src = synthetic_source(scfg)
+    pcfg = pipeline.PromptBatchConfig(prompt=pipeline.PromptConfig(template=template, system=""))
     prompts, answers = [], []
     for i in range(n):
         enc = pipeline.encode_prompt(src[i], tok, pcfg)
         prompts.append(Prompt(enc["prompt_ids"], enc.get("pixel_values"), enc.get("image_grid_thw")))
         answers.append(enc["answer"])
-    scfg = SamplingConfig(temperature=0.0, max_think=MAX_THINK, max_answer=MAX_ANSWER, stop_ids=tok.special.stop_ids,
-                          pad_id=tok.special.pad, prompt_buckets=(128, 256))
+    sampling = SamplingConfig(temperature=0.0, max_think=MAX_THINK, max_answer=MAX_ANSWER,
+                              stop_ids=tok.special.stop_ids, pad_id=tok.special.pad, prompt_buckets=(128, 256))
     forced = ForcedExit.build(tok.encode("</think>"), token_byte_table(tok, cfg.text.vocab_size), cfg.text.vocab_size)
-    out = Sampler(cfg, scfg, forced).generate(params, prompts)
-    score = rewards.get("math")
+    out = Sampler(cfg, sampling, forced).generate(params, prompts)
     texts = [tok.decode([t for t in out.row_ids(i) if t < tok.vocab_size], skip_special_tokens=True) for i in range(n)]
-    return float(np.mean([score(t, a) for t, a in zip(texts, answers)]))
+    score = rewards.get("math")
+    accuracy = float(np.mean([score(t, a) for t, a in zip(texts, answers)]))
+    read = float(np.mean([statement(make_problem(scfg, i)) in t for i, t in enumerate(texts)]))
+    return accuracy, read
 
 
 def main(out_dir: str = "runs/demo", quick: bool = False) -> dict:
+    from xr_jax.data.synthetic import READ_QUESTION
     from xr_jax.plot import plot_runs
     from xr_jax.train import grpo, sft
 
@@ -82,32 +103,42 @@ def main(out_dir: str = "runs/demo", quick: bool = False) -> dict:
     t0 = time.perf_counter()
     print(f"xr-jax demo ({'quick' if quick else 'full'}): writing to {out_dir}", flush=True)
     stages = [
-        ("base", sft.main, ["model.preset=tiny-vl", "data.synthetic.images=true", "data.synthetic.direct=true",
-                            "data.pack=false", "train.batch_size=8", "train.seq_len=192", "optim.lr=2e-3",
+        ("base", sft.main, ["model.preset=demo-vl", f"data.synthetic.tasks={BASE_TASKS}", "data.shuffle=false",
+                            "data.prompt_template=plain", "data.pack=false",
+                            "train.batch_size=16", "train.seq_len=112", "optim.lr=2e-3",
                             f"train.steps={size.base_steps}"]),
-        ("sft", sft.main, [f"model.path={out_dir}/base/model", "train.batch_size=16", "train.seq_len=512",
-                           "optim.lr=2e-3", f"train.steps={size.sft_steps}"]),
-        ("grpo", grpo.main, [f"model.path={out_dir}/sft/model", "data.synthetic.seed=1", "train.batch_size=16",
-                             "grpo.group_size=8", "grpo.max_prompt_len=128", "grpo.max_new_tokens=64",
-                             "grpo.format_weight=0.5", "optim.lr=5e-4", f"train.steps={size.grpo_steps}"]),
+        ("sft", sft.main, [f"model.path={out_dir}/base/model", *REASONING, "train.batch_size=16",
+                           "train.seq_len=540", "optim.lr=2e-3", f"train.steps={size.sft_steps}"]),
+        ("grpo", grpo.main, [f"model.path={out_dir}/sft/model", *REASONING, "data.synthetic.seed=1",
+                             "train.batch_size=16", "grpo.group_size=8", "grpo.max_prompt_len=128",
+                             "grpo.max_new_tokens=96", "grpo.format_weight=0.5", "optim.lr=1e-4",
+                             f"train.steps={size.grpo_steps}"]),
     ]
     for name, run, overrides in stages:
         print(f"\n== stage {name}", flush=True)
         run(_stage(name, out_dir, overrides))
     print("\n== evaluation (greedy, forced exit: thinking budget "
           f"{MAX_THINK} tokens, answer {MAX_ANSWER})", flush=True)
-    table = {name: {kind: evaluate(f"{out_dir}/{name}/model", kind == "image", size.eval_problems)
-                    for kind in ("text", "image")} for name, _, _ in stages}
-    rows = [f"| {'model':10s} | text acc | image acc |", "|---|---|---|"]
+    table, reads = {}, {}
+    for name, _, _ in stages:
+        (text, _), (image, read) = (evaluate(f"{out_dir}/{name}/model", task, size.eval_problems, EVAL_TEMPLATE[name])
+                                    for task in ("text-cot", "image-cot"))
+        table[name], reads[name] = {"text": text, "image": image}, read
+    # The precondition of transfer: can the base model read? (its own transcription prompt, not the reasoning one)
+    _, transcribed = evaluate(f"{out_dir}/base/model", "image-read", size.eval_problems, template="plain")
+    rows = [f"| {'model':10s} | text acc | image acc | image read |", "|---|---|---|---|"]
     labels = {"base": "base", "sft": "SFT", "grpo": "SFT+GRPO"}
-    rows += [f"| {labels[k]:10s} | {v['text']:8.1%} | {v['image']:9.1%} |" for k, v in table.items()]
+    rows += [f"| {labels[k]:10s} | {v['text']:8.1%} | {v['image']:9.1%} | {reads[k]:10.1%} |" for k, v in table.items()]
+    rows += ["", "image read: outputs on image problems that state the expression in the image. The base model "
+                 f"transcribes {transcribed:.1%} of the images when asked to (\"{READ_QUESTION}\")."]
     png = plot_runs([f"{out_dir}/{n}" for n in ("sft", "grpo")], metrics=["loss", "reward_mean", "accuracy"],
                     out=f"{out_dir}/curves.png")
     summary = "\n".join(rows)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(summary + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"accuracy": table, "seconds": time.perf_counter() - t0, "quick": quick}, f, indent=2)
+        json.dump({"accuracy": table, "image_read": reads, "base_transcription": transcribed,
+                   "seconds": time.perf_counter() - t0, "quick": quick}, f, indent=2)
     print("\n" + summary)
     print(f"\ncurves: {out_dir}/curves.png ({', '.join(png)}); metrics: {out_dir}/*/metrics.jsonl; "
           f"{time.perf_counter() - t0:.0f} s")

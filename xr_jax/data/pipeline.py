@@ -19,8 +19,9 @@ Attention must stay inside a segment: `attention_mask(segment_ids)` is the refer
 same segment, not padding). Packing (first-fit, never splitting an example) is for text; rows with images use
 `pack=False` (one example per row, right-padded) and the batch also carries `pixel_values` float32
 [sum of patches, 1176] and `image_grid_thw` int32 [n_images, 3], concatenated in row order (the order the
-model scatters image features into `<|image_pad|>` tokens); `positions` are then the 1-D text positions and
-the model derives M-RoPE positions from input_ids and image_grid_thw.
+model scatters image features into `<|image_pad|>` tokens; text rows of a source that mixes text and images add
+none); `positions` are then the 1-D text positions and the model derives M-RoPE positions from input_ids and
+image_grid_thw.
 
 RL batch (`rl_pipeline`): `prompt_ids` int32 [B, P] LEFT-padded to P = max_prompt_len with the pad id,
 `prompt_mask` bool [B, P], `prompt_lengths` int32 [B], lists `ids`, `answers`, `questions`, `choices`, and
@@ -338,12 +339,22 @@ def _pad_row(max_len: int, pad_id: int) -> Callable[[dict], dict]:
     return pad
 
 
+IMAGE_FIELDS = ("pixel_values", "image_grid_thw")
+
+
+def _concat_images(rows: Sequence[dict], batch: dict) -> None:
+    """Concatenate the image arrays of the rows that have them, in row order (the order the model scatters
+    image features into `<|image_pad|>` tokens); rows without images (text rows of a mixed source) add none."""
+    for key in IMAGE_FIELDS:
+        values = [r[key] for r in rows if key in r]
+        if values:
+            batch[key] = np.concatenate(values)
+
+
 def _stack_rows(rows: Sequence[dict]) -> dict:
-    """Stack per-row arrays to [B, ...]; concatenate image arrays across rows (model input order)."""
-    batch = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        batch[key] = np.concatenate(values) if key in ("pixel_values", "image_grid_thw") else np.stack(values)
+    """Stack per-row arrays to [B, ...]; concatenate image arrays across rows."""
+    batch = {key: np.stack([r[key] for r in rows]) for key in rows[0] if key not in IMAGE_FIELDS}
+    _concat_images(rows, batch)
     return batch
 
 
@@ -440,9 +451,7 @@ def _prompt_batch_fn(max_prompt_len: int, pad_id: int, batch_size: Optional[int]
         if batch_size is not None:
             out["valid"] = np.asarray(valid, bool)
             out["meta"] = [r["meta"] for r in rows]
-        if "pixel_values" in rows[0]:
-            out["pixel_values"] = np.concatenate([r["pixel_values"] for r in rows])
-            out["image_grid_thw"] = np.concatenate([r["image_grid_thw"] for r in rows])
+        _concat_images(rows, out)
         return out
 
     return batch

@@ -172,6 +172,9 @@ X_REASONER_EVAL_MATH = register_prompt_template(PromptTemplate(
 ))
 # The bare question (e.g. a short prompt for the tiny CPU demo).
 PLAIN = register_prompt_template(PromptTemplate(name="plain", text="{{ question }}", options=_OPTIONS_BLOCK))
+# A short reasoning instruction (the tiny CPU demo's stand-in for x_reasoner_train: same role, far fewer tokens).
+THINK = register_prompt_template(PromptTemplate(name="think", text="Think step by step. {{ question }}",
+                                                options=_OPTIONS_BLOCK))
 
 
 def format_trace(thinking: str, answer: str) -> str:

@@ -32,6 +32,14 @@ PRESETS = {
     # text-only tiny Qwen2.5 (the shape of tests/hf_reference.py)
     "tiny": lambda: tiny_vl_config(vision=None),
     "tiny-vl": tiny_vl_config,
+    # the built-in demo's VLM (`xr-jax demo`): tiny-vl at twice the width, with RoPE base 1e4 (at head_dim 32 the
+    # 1e6 base leaves almost no rotation between tokens a few positions apart)
+    "demo-vl": lambda: tiny_vl_config(
+        text=TextConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                        num_kv_heads=2, rope_theta=1e4, mrope_section=(4, 6, 6), tie_word_embeddings=False,
+                        max_position_embeddings=512, bos_token_id=0, eos_token_id=1),
+        vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                            fullatt_block_indexes=(1,))),
     # a CPU-benchable text model: big enough that matmuls dominate, small enough for 2 cores
     "small": lambda: tiny_vl_config(vision=None).replace(text=TextConfig(
         vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=2,

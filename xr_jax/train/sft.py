@@ -233,6 +233,13 @@ def load_tokenizer(config):
     return load(name)
 
 
+def prompt_config(data):
+    """The `pipeline.PromptConfig` of a `DataSection` (how an example becomes the user turn)."""
+    from xr_jax.data import pipeline
+
+    return pipeline.PromptConfig(template=data.prompt_template, system=data.system)
+
+
 def make_batches(config, model_cfg: ModelConfig, tokenizer=None):
     """The process-local batch iterator named by `data.source` ("random" or a `sources.FORMATS` name)."""
     d, tr = config.data, config.train
@@ -248,8 +255,7 @@ def make_batches(config, model_cfg: ModelConfig, tokenizer=None):
                          f"{model_cfg.text.vocab_size}; use a matching tokenizer or set model.vocab_size")
     source = make_source(config)
     data_cfg = pipeline.SFTConfig(max_len=tr.seq_len, batch_size=tr.batch_size, pack=d.pack, seed=tr.seed,
-                                  prompt=pipeline.PromptConfig(template=d.prompt_template),
-                                  shuffle=d.shuffle, num_epochs=None)
+                                  prompt=prompt_config(d), shuffle=d.shuffle, num_epochs=None)
     return iter(pipeline.sft_pipeline(source, tokenizer, data_cfg))
 
 
