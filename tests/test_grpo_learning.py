@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from xr_jax import config as config_lib
+from xr_jax.rewards import RewardPool
 from xr_jax.train import grpo, sft
 
 TASK = ["data.tokenizer=tiny", "data.source=synthetic", "data.synthetic.max_steps=1", "data.synthetic.max_operand=2",
@@ -30,7 +31,7 @@ HELD_OUT_SEED, HELD_OUT, SAMPLES = 4321, 64, 8
 
 def sampled_reward(model_dir: str, seed: int = 0) -> float:
     """Mean math reward over SAMPLES samples (temperature 1) of each of HELD_OUT held-out problems."""
-    from xr_jax import convert, rewards
+    from xr_jax import convert
     from xr_jax.data import pipeline
     from xr_jax.data.synthetic import SyntheticConfig, synthetic_source
     from xr_jax.data.tokenizer import load_tokenizer
@@ -46,10 +47,11 @@ def sampled_reward(model_dir: str, seed: int = 0) -> float:
                           prompt_buckets=(80,))
     out = Sampler(cfg, scfg).generate(params, [Prompt(e["prompt_ids"]) for e in encoded], rng=seed,
                                       group_size=SAMPLES)
-    score = rewards.get("math")
     texts = [tok.decode([t for t in out.row_ids(i) if t < tok.vocab_size], skip_special_tokens=True)
              for i in range(HELD_OUT * SAMPLES)]
-    return float(np.mean([score(t, encoded[i // SAMPLES]["answer"]) for i, t in enumerate(texts)]))
+    with RewardPool(1) as pool:
+        scores, _ = pool.score_batch("math", texts, [encoded[i // SAMPLES]["answer"] for i in range(len(texts))])
+    return float(np.mean(scores))
 
 
 @pytest.fixture(scope="module")

@@ -61,11 +61,12 @@ def _stage(name: str, out: str, overrides: list[str]):
     return cfg
 
 
-def evaluate(model_dir: str, task: str, n: int, template: str = "think", seed: int = 1234) -> tuple[float, float]:
+def evaluate(model_dir: str, task: str, n: int, pool, template: str = "think", seed: int = 1234) -> tuple[float, float]:
     """(accuracy, read) of greedy decoding with forced exit on `n` held-out problems of synthetic `task` (a seed no
-    training stage used). `read`: the fraction of outputs that state the problem's expression ("The expression is
+    training stage used), scored by the `math` reward in the `RewardPool` `pool` (model output is never checked
+    in this process). `read`: the fraction of outputs that state the problem's expression ("The expression is
     2 + 3.") — on image problems, whether the model read the image."""
-    from xr_jax import convert, rewards
+    from xr_jax import convert
     from xr_jax.data import pipeline
     from xr_jax.data.synthetic import SyntheticConfig, make_problem, statement, synthetic_source
     from xr_jax.data.tokenizer import load_tokenizer
@@ -87,8 +88,8 @@ def evaluate(model_dir: str, task: str, n: int, template: str = "think", seed: i
     forced = ForcedExit.build(tok.encode("</think>"), token_byte_table(tok, cfg.text.vocab_size), cfg.text.vocab_size)
     out = Sampler(cfg, sampling, forced).generate(params, prompts)
     texts = [tok.decode([t for t in out.row_ids(i) if t < tok.vocab_size], skip_special_tokens=True) for i in range(n)]
-    score = rewards.get("math")
-    accuracy = float(np.mean([score(t, a) for t, a in zip(texts, answers)]))
+    scores, _ = pool.score_batch("math", texts, answers)
+    accuracy = float(np.mean(scores))
     read = float(np.mean([statement(make_problem(scfg, i)) in t for i, t in enumerate(texts)]))
     return accuracy, read
 
@@ -96,6 +97,7 @@ def evaluate(model_dir: str, task: str, n: int, template: str = "think", seed: i
 def main(out_dir: str = "runs/demo", quick: bool = False) -> dict:
     from xr_jax.data.synthetic import READ_QUESTION
     from xr_jax.plot import plot_runs
+    from xr_jax.rewards import RewardPool
     from xr_jax.train import grpo, sft
 
     size = QUICK if quick else FULL
@@ -120,12 +122,13 @@ def main(out_dir: str = "runs/demo", quick: bool = False) -> dict:
     print("\n== evaluation (greedy, forced exit: thinking budget "
           f"{MAX_THINK} tokens, answer {MAX_ANSWER})", flush=True)
     table, reads = {}, {}
-    for name, _, _ in stages:
-        (text, _), (image, read) = (evaluate(f"{out_dir}/{name}/model", task, size.eval_problems, EVAL_TEMPLATE[name])
-                                    for task in ("text-cot", "image-cot"))
-        table[name], reads[name] = {"text": text, "image": image}, read
-    # The precondition of transfer: can the base model read? (its own transcription prompt, not the reasoning one)
-    _, transcribed = evaluate(f"{out_dir}/base/model", "image-read", size.eval_problems, template="plain")
+    with RewardPool(2) as pool:
+        for name, _, _ in stages:
+            (text, _), (image, read) = (evaluate(f"{out_dir}/{name}/model", task, size.eval_problems, pool,
+                                                 EVAL_TEMPLATE[name]) for task in ("text-cot", "image-cot"))
+            table[name], reads[name] = {"text": text, "image": image}, read
+        # The precondition of transfer: can the base model read? (its own transcription prompt, not the reasoning one)
+        _, transcribed = evaluate(f"{out_dir}/base/model", "image-read", size.eval_problems, pool, template="plain")
     rows = [f"| {'model':10s} | text acc | image acc | image read |", "|---|---|---|---|"]
     labels = {"base": "base", "sft": "SFT", "grpo": "SFT+GRPO"}
     rows += [f"| {labels[k]:10s} | {v['text']:8.1%} | {v['image']:9.1%} | {reads[k]:10.1%} |" for k, v in table.items()]
