@@ -223,14 +223,19 @@ def local_rows(x: jax.Array) -> np.ndarray:
     return np.concatenate([np.asarray(pieces[k]) for k in sorted(pieces)])
 
 
-def all_rows(local: np.ndarray, mesh: Mesh) -> np.ndarray:
-    """Every process's rows of a batch in global row order, on every process (this process's are `local`)."""
+def all_rows(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+    """Every process's rows (axis 0) of each batch array in global row order, on every process (this
+    process's are `local`; all arrays have the same number of rows)."""
     if jax.process_count() == 1:
-        return local
-    starts = each_process(np.int64(process_rows(mesh, len(local))[0]))
-    pieces = each_process(local)
-    first = {int(s): i for i, s in reversed(list(enumerate(starts)))}  # processes holding the same rows: once
-    return np.concatenate([pieces[first[s]] for s in sorted(first)])
+        return {k: np.asarray(v) for k, v in local.items()}
+    n_local = len(next(iter(local.values())))
+    starts = each_process(np.int64(process_rows(mesh, n_local)[0]))
+    order = sorted({int(s): i for i, s in reversed(list(enumerate(starts)))}.items())  # shared rows: once
+    out = {}
+    for key, value in local.items():
+        pieces = each_process(value)
+        out[key] = np.concatenate([pieces[i] for _, i in order])
+    return out
 
 
 def each_process(value: np.ndarray) -> np.ndarray:

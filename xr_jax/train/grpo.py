@@ -221,12 +221,14 @@ class GRPOTrainer:
         pbatch = prepare_prompts(prompts, self.model_cfg, self.scfg)
         rows = build_rows(pbatch, out, np.asarray(adv), g.group_size, g.mask_forced)
         # Each process sampled and scored its own prompts (whole groups); the update sees the global batch.
-        every = lambda x: parallel.all_rows(np.asarray(x), self.mesh)  # noqa: E731
-        rows = {k: every(v) if k != "positions" else np.moveaxis(every(np.moveaxis(v, 1, 0)), 0, 1)
-                for k, v in rows.items()}
+        rows["positions"] = np.moveaxis(rows["positions"], 1, 0)  # rows first for the gather
+        g_all = parallel.all_rows({**rows, "rewards": rewards, "correct": correct, "lengths": out.lengths,
+                                   "finish": out.finish_reason, "forced": out.forced.any(axis=1)}, self.mesh)
+        rows = {k: g_all[k] for k in rows}
+        rows["positions"] = np.moveaxis(rows["positions"], 0, 1)
         counts = parallel.each_process(np.array([int(np.asarray(zero_var).sum()), stats.timeouts, stats.errors]))
-        return Rollout(rows, every(rewards), every(correct), int(counts[:, 0].sum()), every(out.lengths),
-                       [FINISH_NAMES[int(r)] for r in every(out.finish_reason)], every(out.forced.any(axis=1)),
+        return Rollout(rows, g_all["rewards"], g_all["correct"], int(counts[:, 0].sum()), g_all["lengths"],
+                       [FINISH_NAMES[int(r)] for r in g_all["finish"]], g_all["forced"],
                        timeouts=int(counts[:, 1].sum()), errors=int(counts[:, 2].sum()))
 
     # -- one rollout step ---------------------------------------------------------------------------------
