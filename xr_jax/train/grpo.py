@@ -33,7 +33,7 @@ from xr_jax.sampling import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingC
 from xr_jax.train.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
 from xr_jax.train.losses import target_logprobs_and_lse
 from xr_jax.train.sft import _schedule_count, compute_grads
-from xr_jax.train.state import TrainState
+from xr_jax.train.state import TrainState, apply_update
 
 UPDATE_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask", "old_logp", "ref_logp", "adv")
 
@@ -92,13 +92,10 @@ def make_update_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, s
     def step(state: TrainState, rows: dict):
         grads, (loss, weighted), count = compute_grads(loss_fn, state.params, rows, microbatches, mesh)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        params, opt_state = apply_update(tx, grads, state.params, state.opt_state, ok)
         # state.step counts rollout steps (the loop's unit); the optimizer's own count drives the schedule
-        new_state = TrainState(step=state.step, params=keep(params, state.params),
-                               opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+        new_state = TrainState(step=state.step, params=params, opt_state=opt_state, rng=state.rng)
         metrics = {k: v / count for k, v in weighted.items()}
         metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(_schedule_count(state.opt_state)),
                        skipped=(~ok).astype(jnp.int32), loss_tokens=count)

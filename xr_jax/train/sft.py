@@ -21,7 +21,7 @@ from xr_jax.models import presets
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
 from xr_jax.train.losses import cross_entropy_sums
-from xr_jax.train.state import TrainState
+from xr_jax.train.state import TrainState, apply_update
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 IMAGE_KEYS = ("pixel_values", "vision_layout")  # image rows: the whole batch's patches, replicated
@@ -118,14 +118,10 @@ def make_train_step(
         grads, (ce, z), count = compute_grads(
             loss_fn, state.params, batch, microbatches, mesh, None if shardings is None else shardings.params)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         ok = jnp.isfinite(ce) & jnp.isfinite(z) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-        new_state = TrainState(
-            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-            rng=jax.random.split(state.rng)[0],
-        )
+        params, opt_state = apply_update(tx, grads, state.params, state.opt_state, ok)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               rng=jax.random.split(state.rng)[0])
         metrics = {
             "loss": ce / count, "z_loss": z / count, "tokens": count, "grad_norm": grad_norm,
             "input_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),

@@ -106,6 +106,19 @@ def state_shardings(tx: optax.GradientTransformation, boxed_params, mesh: Mesh, 
     return TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
 
 
+def apply_update(tx: optax.GradientTransformation, grads, params, opt_state, ok: jax.Array):
+    """(params, opt_state) after one optimizer update, or both unchanged when `ok` is False (a non-finite
+    loss or gradient). A `lax.cond`, not a select: the select would read and write params and both Adam
+    moments once more every step (on CPU about 5% of a small model's step)."""
+
+    def update(args):
+        grads, params, opt_state = args
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.lax.cond(ok, update, lambda args: (args[1], args[2]), (grads, params, opt_state))
+
+
 def _dict_keys(path) -> tuple[str, ...]:
     return tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
 
