@@ -48,8 +48,13 @@ def attention_mask(q_segment, kv_segment, q_index, kv_index):
     return (same & causal)[:, None]
 
 
-def dot_product_attention(q, k, v, mask, impl: str, dtype):
+def dot_product_attention(q, k, v, mask, impl: str, dtype, causal: bool = False):
     """q [B,T,N,H], k/v [B,S,K,H] (GQA: query head i uses kv head i // (N/K)); mask [B,1,T,S] bool.
+
+    `causal=True` promises that the mask is causal by position (query i sees no key j > i, S = T): the
+    "einsum" path then cuts the queries into blocks that skip the keys after them (`causal_blocks`).
+    Rows with no visible key at all (padding) are the one difference: they average over their block's
+    keys instead of all keys; such rows are never seen by any other row.
 
     "einsum" mirrors transformers' eager path in the forward (scores in the compute dtype plus an additive
     mask of the dtype's min, softmax in fp32, cast back); its backward is written out flash-style (see
@@ -66,8 +71,24 @@ def dot_product_attention(q, k, v, mask, impl: str, dtype):
     # layer of the `small` preset); 5-D scores throughout, so the backward keeps a single copy of the probs
     q = jnp.transpose(q.reshape(b, t, kh, g, h), (0, 2, 3, 1, 4))
     k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
-    out = _attention_core(q, k, v, mask, scale)
+    if not causal:
+        out = _attention_core(q, k, v, mask, scale)
+    else:
+        bounds = causal_blocks(t)
+        out = jnp.concatenate([
+            _attention_core(q[:, :, :, lo:hi], k[:, :, :hi], v[:, :, :hi], mask[:, :, lo:hi, :hi], scale)
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ], axis=3)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
+
+
+def causal_blocks(t: int, min_rows: int = 64, max_blocks: int = 8) -> list[int]:
+    """Query block bounds [0, ..., t] for causal attention: block i attends only to keys before its end, so
+    n blocks skip (n - 1) / 2n of the scores. At least `min_rows` rows a block (smaller dots lose more
+    than they skip), at most `max_blocks` (the blocks are unrolled). Measured on CPU, fwd+bwd of one layer of
+    the `small` preset at T = 256: 16.4 ms in one block, 10.5 ms in 2, 7.0 ms in 4."""
+    n = max(1, min(max_blocks, t // min_rows))
+    return [t * i // n for i in range(n + 1)]
 
 
 def _scores(q, k, mask, scale):
@@ -149,7 +170,8 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(dtype)
             v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(dtype)
         impl = resolve_attention(self.cfg, decoding=cache_kv is not None)
-        out = dot_product_attention(q, k, v, mask, impl, dtype)
+        # without a cache the mask is causal over the same T slots (`attention_mask` with equal indices)
+        out = dot_product_attention(q, k, v, mask, impl, dtype, causal=cache_kv is None)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         out = Dense(tc.hidden_size, ("heads", "embed"), False, dtype, pdt, name="o_proj")(out.reshape(b, t, -1))
         return out, new_kv
