@@ -105,15 +105,44 @@ def test_chunked_loss_never_builds_full_vocab_logits():
     while the unchunked computation (chunk = T) needs at least that much."""
     b, t, d, v = 2, 512, 16, 1000
     w = jnp.ones((d, v)) * 0.01
-    head = lambda h: h @ w  # noqa: E731
+    tokens = jnp.ones((b, t))
 
     def temp_bytes(chunk):
-        loss = lambda h: losses.cross_entropy_sums(h, jnp.zeros((b, t), jnp.int32), jnp.ones((b, t)), head, chunk)[0]  # noqa: E731
+        loss = lambda h: losses.fused_cross_entropy(h, w, jnp.zeros((b, t), jnp.int32), tokens, tokens, chunk)[0]  # noqa: E731
         return jax.jit(jax.grad(loss)).lower(jnp.ones((b, t, d))).compile().memory_analysis().temp_size_in_bytes
 
     full = b * t * v * 4
     assert temp_bytes(t) >= full
-    assert temp_bytes(64) < full / 3  # ~2 chunks of logits (value + cotangent): 2 x 2 x 64 x 1000 x 4 B
+    assert temp_bytes(64) < full / 2  # a few chunk-sized buffers (logits, softmax, d logits), each full / 8
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+def test_fused_cross_entropy_equals_autodiff_of_the_formula(chunk):
+    """Objective, per-token values and the gradients of hidden and head weight against autodiff of
+    log_softmax, with per-token weights, a z-loss term and chunks that do not divide T."""
+    rng = np.random.default_rng(chunk)
+    b, t, d, v = 2, 16, 8, 50
+    hidden = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((d, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    w_ce = jnp.asarray(rng.random((b, t)) * (rng.random((b, t)) < 0.8), jnp.float32)
+    w_z = 0.3 * w_ce
+
+    def formula(hidden, w):
+        logits = hidden @ w
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+        return jnp.sum(-w_ce * logp + w_z * lse**2), (logp, lse)
+
+    (want, (logp, lse)), want_grads = jax.value_and_grad(formula, argnums=(0, 1), has_aux=True)(hidden, w)
+    fused = lambda hidden, w: losses.fused_cross_entropy(hidden, w, targets, w_ce, w_z, chunk)  # noqa: E731
+    got, got_logp, got_lse = fused(hidden, w)
+    got_grads = jax.grad(lambda *a: fused(*a)[0], argnums=(0, 1))(hidden, w)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got_logp, logp, atol=2e-6)
+    np.testing.assert_allclose(got_lse, lse, atol=2e-6)
+    for g, r in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, r, atol=2e-6 * float(jnp.max(jnp.abs(r))))
 
 
 def test_packed_row_loss_equals_separate_rows(reference):

@@ -28,13 +28,19 @@ def _matmul_fwd(x, w):
     return jnp.dot(x, w), (x, w)
 
 
-def _matmul_bwd(res, g):
-    x, w = res
+def matmul_grads(x, w, g):
+    """(dx, dw) of x [..., K] @ w [K, N] for the output cotangent g [..., N] (see `matmul`)."""
     rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
-    # the barrier keeps x^T a real (small) array: without it XLA folds the transpose into the dot and,
-    # on CPU, transposes the (large) output gradient instead and runs a slow non-canonical dot
-    dw = jnp.dot(jax.lax.optimization_barrier(rows(x).T), rows(g))
-    return jnp.dot(g, w.T), dw
+    xt = rows(x).T
+    if jax.default_backend() == "cpu":
+        # the barrier keeps x^T a real (small) array: without it XLA folds the transpose into the dot and,
+        # on CPU, transposes the (large) output gradient instead and runs a slow non-canonical dot
+        xt = jax.lax.optimization_barrier(xt)
+    return jnp.dot(g, w.T), jnp.dot(xt, rows(g))
+
+
+def _matmul_bwd(res, g):
+    return matmul_grads(*res, g)
 
 
 @jax.custom_vjp

@@ -77,6 +77,14 @@ class Qwen2_5_VL(nn.Module):
             return self.model.attend(hidden)
         return self.lm_head(hidden)
 
+    def head_weight(self):
+        """The LM head as a [D, V] matrix in the compute dtype (the embedding, transposed, when tied):
+        `logits(h) == h @ head_weight()`, for losses that run the head themselves."""
+        dtype = as_dtype(self.cfg.dtype)
+        if self.cfg.text.tie_word_embeddings:
+            return self.model.embed_tokens.embedding.astype(dtype).T
+        return self.lm_head.variables["params"]["kernel"].astype(dtype)
+
 
 def check_image_tokens(input_ids: np.ndarray, image_grid_thw: Optional[np.ndarray], cfg: ModelConfig) -> None:
     """Raise the transformers error, with both counts, when image tokens and features differ.

@@ -2,18 +2,23 @@
 
 At 4096 tokens x 152k vocab the fp32 logits of one row are 2.5 GB; here the sequence is cut into
 chunks of `chunk` tokens, each chunk's logits are made, reduced to (log p(target), logsumexp) in fp32
-and dropped. `jax.checkpoint` on the chunk body makes the backward pass recompute a chunk's logits
-instead of keeping all of them, so peak memory is one chunk of logits in both directions. A sequence that
-fits in one chunk skips the map and the checkpoint: keeping its logits for the backward costs the same peak
-as recomputing them, and saves a vocab-sized matmul (about a tenth of a small model's step on CPU).
+and dropped. Two paths:
+- `target_logprobs_and_lse` (GRPO: per-token cotangents known only in the backward): `jax.checkpoint` on
+  the chunk body makes the backward recompute a chunk's logits instead of keeping all of them. A sequence
+  that fits in one chunk skips the map and the checkpoint (same peak, one vocab-sized matmul fewer).
+- `fused_cross_entropy` (SFT: the per-token cotangents are the loss weights, known in the forward): each
+  chunk's d hidden and d weight are made in the forward, so no logits are kept or recomputed.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from xr_jax.models.layers import matmul_grads
 
 HeadFn = Callable[[jax.Array], jax.Array]  # hidden [..., D] -> logits [..., V]
 
@@ -30,9 +35,9 @@ def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
 
 
 def _from_chunks(x: jax.Array, t: int) -> jax.Array:
-    """[n, B, chunk] -> [B, T]."""
-    n, b, c = x.shape
-    return jnp.moveaxis(x, 0, 1).reshape(b, n * c)[:, :t]
+    """[n, B, chunk, ...] -> [B, T, ...]."""
+    n, b, c = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape((b, n * c) + x.shape[3:])[:, :t]
 
 
 def _target_logit(logits, targets):
@@ -110,15 +115,59 @@ def token_logprobs(
     return target_logprobs_and_lse(hidden, targets, head_fn, temperature, chunk)[0]
 
 
-def cross_entropy_sums(
-    hidden: jax.Array, targets: jax.Array, loss_mask: jax.Array, head_fn: HeadFn, chunk: int = 1024,
-) -> tuple[jax.Array, jax.Array]:
-    """(sum of masked token cross-entropy, sum of masked logsumexp^2), fp32 scalars.
+def fused_cross_entropy(
+    hidden: jax.Array, weight: jax.Array, targets: jax.Array, ce_weights: jax.Array, z_weights: jax.Array,
+    chunk: int = 1024,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(objective, log p(targets), logsumexp) for the LM head `weight` [D, V] on hidden [B, T, D]:
+    objective = sum of ce_weights * -log p(target) + z_weights * logsumexp^2 (fp32, weights [B, T]).
 
-    Sums, not means: the caller divides by the token count of the *global* batch, which is what makes
-    the loss independent of packing, microbatching and the mesh. The second sum is the z-loss term
-    (PaLM): it keeps the softmax normaliser near 1.
+    For the SFT loss, whose per-token cotangents are these fixed weights: each chunk of `chunk` tokens per
+    row makes its logits, its d logits and its share of d hidden and d weight in the forward, while the
+    chunk is still in cache, and drops the logits. No logits are kept and none are recomputed (the chunked
+    path of `target_logprobs_and_lse` runs the head matmul a fourth time). Only the objective is
+    differentiable; the per-token values are returned for metrics (their gradient is zero).
     """
-    logp, lse = target_logprobs_and_lse(hidden, targets, head_fn, 1.0, chunk)
-    mask = loss_mask.astype(jnp.float32)
-    return -jnp.sum(logp * mask), jnp.sum(jnp.square(lse) * mask)
+    objective, logp, lse = _fused_ce(hidden, weight, targets, ce_weights, z_weights, chunk)
+    return objective, jax.lax.stop_gradient(logp), jax.lax.stop_gradient(lse)
+
+
+def _fused_ce_chunks(hidden, weight, targets, ce_weights, z_weights, chunk):
+    t = hidden.shape[1]
+    chunk = min(chunk, t)
+
+    def one(d_weight, xs):
+        h, tgt, w_ce, w_z = xs
+        logits = jnp.dot(h, weight).astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        logp = _target_logit(logits, tgt) - lse
+        # d objective / d logits = softmax * (w_ce + 2 w_z lse) - onehot * w_ce
+        d = (jnp.exp(logits - lse[..., None]) * (w_ce + 2 * w_z * lse)[..., None]
+             - jnp.where(_is_target(logits, tgt), w_ce[..., None], 0.0))
+        dh, dw = matmul_grads(h, weight, d.astype(h.dtype))
+        objective = jnp.sum(-w_ce * logp + w_z * lse * lse)
+        return d_weight + dw.astype(jnp.float32), (objective, logp, lse, dh)
+
+    xs = tuple(_to_chunks(x, chunk) for x in (hidden, targets, ce_weights, z_weights))
+    d_weight, (objective, logp, lse, dh) = jax.lax.scan(one, jnp.zeros(weight.shape, jnp.float32), xs)
+    return jnp.sum(objective), _from_chunks(logp, t), _from_chunks(lse, t), _from_chunks(dh, t), d_weight
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused_ce(hidden, weight, targets, ce_weights, z_weights, chunk):
+    return _fused_ce_chunks(hidden, weight, targets, ce_weights, z_weights, chunk)[:3]
+
+
+def _fused_ce_fwd(hidden, weight, targets, ce_weights, z_weights, chunk):
+    objective, logp, lse, dh, d_weight = _fused_ce_chunks(hidden, weight, targets, ce_weights, z_weights, chunk)
+    return (objective, logp, lse), (dh, d_weight.astype(weight.dtype), ce_weights, z_weights)
+
+
+def _fused_ce_bwd(chunk, res, g):
+    dh, d_weight, ce_weights, z_weights = res
+    g_objective = g[0]  # logp and lse leave `fused_cross_entropy` through a stop_gradient
+    return (g_objective.astype(dh.dtype) * dh, g_objective.astype(d_weight.dtype) * d_weight, None,
+            jnp.zeros_like(ce_weights), jnp.zeros_like(z_weights))
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)

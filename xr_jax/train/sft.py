@@ -20,7 +20,7 @@ from xr_jax import parallel
 from xr_jax.models import presets
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
-from xr_jax.train.losses import cross_entropy_sums
+from xr_jax.train.losses import fused_cross_entropy
 from xr_jax.train.state import TrainState, apply_update
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -39,9 +39,11 @@ def make_loss_fn(model_cfg: ModelConfig, *, z_loss: float = 0.0, chunk: int = 10
         hidden, _ = model.apply(
             {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"],
             pixel_values=batch.get("pixel_values"), vision_layout=batch.get("vision_layout"), return_hidden=True)
-        head = lambda h: model.apply({"params": params}, h, method="logits")  # noqa: E731
-        ce, z = cross_entropy_sums(hidden, batch["targets"], batch["loss_mask"], head, chunk)
-        return (ce + z_loss * z) / count, (ce, z)
+        weight = model.apply({"params": params}, method="head_weight")
+        mask = batch["loss_mask"].astype(jnp.float32)
+        objective, logp, lse = fused_cross_entropy(
+            hidden, weight, batch["targets"], mask / count, z_loss * mask / count, chunk)
+        return objective, (-jnp.sum(logp * mask), jnp.sum(jnp.square(lse) * mask))
 
     return loss
 
