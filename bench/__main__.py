@@ -12,9 +12,10 @@ Sections (each side by side on the same shapes and random weights; ratio = xr_ja
   decode     greedy decode tokens/s at batch 1/8/64, fraction of the copy-bandwidth roofline
              (bytes a step must read / measured bandwidth)
   grpo       rollout and update seconds of one GRPO step (bench.grpo)
-SFT and GRPO alternate the two sides `--reps` times in this process and keep each side's best; decode
-takes each side's median of `--reps` runs per batch size. fp32 on CPU (both sides use every core this
-process may run on); bf16 on GPU (PyTorch: autocast / bf16 weights, sdpa attention).
+Each side runs in its own child process (the other framework idle and absent from the timings), the two
+alternating for `--reps` rounds; a figure is a side's best round, and within a round its best of 3 (SFT,
+GRPO) or median of 3 (prefill, decode). fp32 on CPU (both sides use every core the process may run on);
+bf16 on GPU (PyTorch: autocast / bf16 weights, sdpa attention).
 Writes bench.json under --out (default $OUT, else a temp dir) and prints the table last.
 Imports only jax, flax, optax, numpy, torch and transformers (no grain, no datasets: checked at the end).
 """
@@ -25,20 +26,16 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import tempfile
 
-# Before torch starts its OpenMP pool: idle OpenMP threads otherwise spin after every parallel region and
-# starve XLA's threads (and each other) on a small shared machine; measured on 2 shared cores, tiny model:
-# PyTorch prefill 71 -> 3,566 tokens/s, SFT step 14k -> 32k tokens/s.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bench import grpo as grpo_bench, machine, sampler, train_step  # noqa: E402
-from xr_jax.models.presets import preset  # noqa: E402
-from xr_jax.train import flops  # noqa: E402
+from bench import grpo as grpo_bench, machine, sampler, train_step
+from xr_jax.models.presets import preset
+from xr_jax.train import flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,74 +61,119 @@ SIZES = {
 }
 
 
-def best_of(runners: dict, reps: int) -> dict:
-    """Alternate the sides' `run()` calls `reps` times; each keeps its elementwise-best result."""
-    best = {}
-    for _ in range(reps):
-        for side, run in runners.items():
-            out = run()
-            best[side] = out if side not in best else np.minimum(best[side], out)
-    return best
+SIDES = ("xr_jax", "torch")
+INNER_REPS = 3  # in each side's process: best of 3 (SFT, GRPO) or median of 3 (prefill, decode)
 
 
-def sft_section(size: Size, dtype: str, reps: int, on_gpu: bool, ceil: dict) -> list[dict]:
+def sft_section(size: Size, dtype: str, reps: int, on_gpu: bool, side: str) -> list[dict]:
     rows = []
     for shape, b, t in size.sft:
         cfg = preset(shape, dtype=dtype)
         batch = train_step.batch_arrays(b, t, cfg.text.vocab_size)
-        xr = train_step.jax_runner(cfg, batch, 1, 1, 1024)
-        pt = train_step.torch_runner(cfg, batch, 1, dtype)
-        best = best_of({"xr_jax": lambda: xr(size.sft_steps), "torch": lambda: pt(size.sft_steps)}, reps)
-        step_flops = flops.text_train_flops(cfg, b * t, t)
+        if side == "xr_jax":
+            run = train_step.jax_runner(cfg, batch, 1, 1, 1024)
+        else:
+            run = train_step.torch_runner(cfg, batch, 1, dtype)
         row = {"section": "sft", "shape": shape, "setting": f"{b}x{t}", "unit": "tokens/s",
-               "xr_jax": b * t / best["xr_jax"], "torch": b * t / best["torch"],
-               "xr_mfu": step_flops / best["xr_jax"] / flops.peak_flops(),
-               "frac_of_ceiling": step_flops / best["xr_jax"] / ceil["matmul_flops"]}
-        if on_gpu:  # planned (compiled memory analysis) vs measured peak bytes of the step
+               side: b * t / min(run(size.sft_steps) for _ in range(reps)),
+               "step_flops": flops.text_train_flops(cfg, b * t, t), "tokens": b * t}
+        if on_gpu and side == "xr_jax":  # planned (compiled memory analysis) vs measured peak bytes of the step
             row["planned_bytes"] = train_step.planned_bytes(cfg, batch)
             row["peak_bytes"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"]
         rows.append(row)
     return rows
 
 
-def decode_section(size: Size, dtype: str, reps: int, on_gpu: bool, ceil: dict) -> list[dict]:
+def decode_section(size: Size, dtype: str, reps: int, on_gpu: bool, side: str) -> list[dict]:
     rows = []
     device = "cuda" if on_gpu else "cpu"
     rng = np.random.RandomState(0)
     for shape in size.decode:
         cfg = sampler.model_config(shape, dtype)
-        model, params = sampler.hf_model(cfg, device)
-        params = jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x, cfg.param_dtype), params)
+        model, params = sampler.hf_model(cfg, device)  # both sides: the same seeded random weights
+        params = jax.tree_util.tree_map(lambda x: np.asarray(x, cfg.param_dtype), params)
         for b in size.batches:
             prompts = rng.randint(2, cfg.text.vocab_size, size=(b, size.prompt))
-            xr = sampler.bench_xr(cfg, params, prompts, size.new, reps)
-            hf = sampler.bench_hf(model, prompts, size.new, reps, device)
-            pre = lambda r: b * size.prompt / r["prefill"]  # noqa: E731
-            dec = lambda r: b * (size.new - 1) / r["decode"]  # noqa: E731
+            if side == "xr_jax":
+                r = sampler.bench_xr(cfg, jax.tree_util.tree_map(jax.numpy.asarray, params), prompts, size.new, reps)
+            else:
+                r = sampler.bench_hf(model, prompts, size.new, reps, device)
             rows.append({"section": "prefill", "shape": shape, "setting": f"B={b} P={size.prompt}",
-                         "unit": "tokens/s", "xr_jax": pre(xr), "torch": pre(hf)})
-            need = sampler.step_bytes(cfg, params, b, size.prompt + size.new / 2)
+                         "unit": "tokens/s", side: b * size.prompt / r["prefill"]})
             rows.append({"section": "decode", "shape": shape, "setting": f"B={b} new={size.new}",
-                         "unit": "tokens/s", "xr_jax": dec(xr), "torch": dec(hf),
-                         "frac_of_ceiling": need / ceil["copy_bytes_per_s"] / (xr["decode"] / (size.new - 1)),
-                         "same_tokens": float((xr["tokens"] == hf["tokens"]).mean()), "xr_compile_s": xr["compile"]})
+                         "unit": "tokens/s", side: b * (size.new - 1) / r["decode"], "batch": b,
+                         "step_bytes": sampler.step_bytes(cfg, params, b, size.prompt + size.new / 2),
+                         f"tokens_{side}": r["tokens"].tolist()})
         del model, params
     return rows
 
 
-def grpo_section(size: Size, dtype: str, reps: int, on_gpu: bool) -> list[dict]:
+def grpo_section(size: Size, dtype: str, reps: int, on_gpu: bool, side: str) -> list[dict]:
     shape, n_prompts, group, p, new = size.grpo
     device = "cuda" if on_gpu else "cpu"
     cfg = sampler.model_config(shape, "float32").replace(dtype=dtype)  # fp32 weights, compute in dtype
     model, params = sampler.hf_model(cfg.replace(dtype="float32"), device)
     prompts = np.random.RandomState(1).randint(2, cfg.text.vocab_size, size=(n_prompts, p))
-    xr = grpo_bench.xr_runner(cfg, params, prompts, group, new)
-    pt = grpo_bench.torch_runner(model.train(), prompts, group, new, device, bf16=dtype == "bfloat16")
-    best = best_of({"xr_jax": lambda: np.array(xr()), "torch": lambda: np.array(pt())}, reps)
+    if side == "xr_jax":
+        run = grpo_bench.xr_runner(cfg, params, prompts, group, new)
+    else:
+        run = grpo_bench.torch_runner(model.train(), prompts, group, new, device, bf16=dtype == "bfloat16")
+    best = np.min([run() for _ in range(reps)], axis=0)
     setting = f"{n_prompts}x{group} P={p} new={new}"
-    return [{"section": f"grpo {part}", "shape": shape, "setting": setting, "unit": "s",
-             "xr_jax": float(best["xr_jax"][i]), "torch": float(best["torch"][i])}
+    return [{"section": f"grpo {part}", "shape": shape, "setting": setting, "unit": "s", side: float(best[i])}
             for i, part in enumerate(("rollout", "update"))]
+
+
+SECTIONS = {"sft": sft_section, "decode": decode_section, "grpo": grpo_section}
+
+
+def one_side(args, on_gpu: bool) -> list[dict]:
+    """This process measures one side only (`--side`): the other side's framework stays idle here."""
+    import torch
+
+    size = SIZES[args.size or ("gpu" if on_gpu else "cpu")]
+    if not on_gpu:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # as many as XLA's CPU pool
+    dtype = "bfloat16" if on_gpu else "float32"
+    return [row for name in args.sections for row in SECTIONS[name](size, dtype, args.reps, on_gpu, args.side)]
+
+
+def run_sides(argv: list[str], rounds: int) -> tuple[list[dict], list[str]]:
+    """Each side in its own child process, alternating for `rounds` rounds; keeps each side's best figure.
+
+    Separate processes, because in one process the idle framework's thread pool slows the other: on 2 CPU
+    cores PyTorch's SFT step measured 2.7x slower beside XLA's pool than alone, and its decode up to 1.6x."""
+    merged: dict[tuple, dict] = {}
+    leaked: set[str] = set()
+    for _ in range(rounds):
+        for side in SIDES:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "rows.json")
+                subprocess.run([sys.executable, "-m", "bench", *argv, "--side", side, "--rows", path], check=True)
+                with open(path) as f:
+                    child = json.load(f)
+            leaked |= set(child["imported"])
+            for r in child["rows"]:
+                key = (r["section"], r["shape"], r["setting"])
+                into = merged.setdefault(key, {})
+                better = min if r["unit"] == "s" else max
+                value = better(r[side], into.get(side, r[side]))
+                into.update(r)
+                into[side] = value
+    return list(merged.values()), sorted(leaked)
+
+
+def derive(rows: list[dict], ceil: dict) -> list[dict]:
+    """MFU, fractions of the measured ceilings and the decode token agreement, from both sides' raw rows."""
+    for r in rows:
+        if "step_flops" in r:  # sft: FLOP/s = FLOP per step x steps/s
+            flop_rate = r["step_flops"] * r["xr_jax"] / r["tokens"]
+            r["xr_mfu"] = flop_rate / flops.peak_flops()
+            r["frac_of_ceiling"] = flop_rate / ceil["matmul_flops"]
+        if "step_bytes" in r:  # decode: bytes per step x steps/s
+            r["frac_of_ceiling"] = r["step_bytes"] * r["xr_jax"] / r["batch"] / ceil["copy_bytes_per_s"]
+            r["same_tokens"] = float((np.asarray(r.pop("tokens_xr_jax")) == np.asarray(r.pop("tokens_torch"))).mean())
+    return rows
 
 
 def table(info: dict, ceil: dict, rows: list[dict]) -> str:
@@ -162,33 +204,32 @@ def table(info: dict, ceil: dict, rows: list[dict]) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default=os.environ.get("XR_BENCH_SIZE") or None)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="rounds of alternating side processes")
     ap.add_argument("--out", default=os.environ.get("OUT") or None, help="directory for bench.json")
-    ap.add_argument("--sections", nargs="+", default=["sft", "decode", "grpo"], choices=["sft", "decode", "grpo"])
+    ap.add_argument("--sections", nargs="+", default=["sft", "decode", "grpo"], choices=sorted(SECTIONS))
+    ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process: measure this side
+    ap.add_argument("--rows", help=argparse.SUPPRESS)  # where the child writes its rows
     args = ap.parse_args(argv)
-
-    import torch
-
     on_gpu = jax.default_backend() == "gpu"
-    size = SIZES[args.size or ("gpu" if on_gpu else "cpu")]
-    if not on_gpu:
-        torch.set_num_threads(len(os.sched_getaffinity(0)))  # as many as XLA's CPU pool
-    dtype = "bfloat16" if on_gpu else "float32"
+    if args.side:
+        args.reps = INNER_REPS
+        rows = one_side(args, on_gpu)
+        with open(args.rows, "w") as f:
+            json.dump({"rows": rows, "imported": [m for m in ("grain", "datasets") if m in sys.modules]}, f)
+        return {}
+
+    size_name = args.size or ("gpu" if on_gpu else "cpu")
+    size = SIZES[size_name]
     info = machine.describe()
     mm_dtype = "bfloat16" if on_gpu else "float32"
     ceil = {"copy_bytes_per_s": machine.copy_bandwidth(size.copy_bytes),
             "matmul_flops": machine.matmul_rate(size.matmul_n, mm_dtype), "matmul_dtype": mm_dtype}
     if on_gpu:
         ceil["datasheet_hbm_bytes_per_s"] = machine.datasheet_hbm(info["device"])
-    rows = []
-    if "sft" in args.sections:
-        rows += sft_section(size, dtype, args.reps, on_gpu, ceil)
-    if "decode" in args.sections:
-        rows += decode_section(size, dtype, args.reps, on_gpu, ceil)
-    if "grpo" in args.sections:
-        rows += grpo_section(size, dtype, args.reps, on_gpu)
-    leaked = [m for m in ("grain", "datasets") if m in sys.modules]
-    result = {"machine": info, "size": args.size or ("gpu" if on_gpu else "cpu"), "ceilings": ceil, "rows": rows,
+    rows, leaked = run_sides(["--size", size_name, "--sections", *args.sections], args.reps)
+    rows = derive(rows, ceil)
+    leaked = sorted(set(leaked) | {m for m in ("grain", "datasets") if m in sys.modules})
+    result = {"machine": info, "size": size_name, "ceilings": ceil, "rows": rows,
               "imported_grain_or_datasets": leaked}
     out = args.out or tempfile.mkdtemp(prefix="xr_bench_")
     os.makedirs(out, exist_ok=True)
