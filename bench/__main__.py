@@ -92,10 +92,11 @@ def decode_section(size: Size, dtype: str, reps: int, on_gpu: bool, side: str) -
         cfg = sampler.model_config(shape, dtype)
         model, params = sampler.hf_model(cfg, device)  # both sides: the same seeded random weights
         params = jax.tree_util.tree_map(lambda x: np.asarray(x, cfg.param_dtype), params)
+        on_device = jax.tree_util.tree_map(jax.numpy.asarray, params) if side == "xr_jax" else None
         for b in size.batches:
             prompts = rng.randint(2, cfg.text.vocab_size, size=(b, size.prompt))
             if side == "xr_jax":
-                r = sampler.bench_xr(cfg, jax.tree_util.tree_map(jax.numpy.asarray, params), prompts, size.new, reps)
+                r = sampler.bench_xr(cfg, on_device, prompts, size.new, reps)
             else:
                 r = sampler.bench_hf(model, prompts, size.new, reps, device)
             rows.append({"section": "prefill", "shape": shape, "setting": f"B={b} P={size.prompt}",
@@ -104,7 +105,7 @@ def decode_section(size: Size, dtype: str, reps: int, on_gpu: bool, side: str) -
                          "unit": "tokens/s", side: b * (size.new - 1) / r["decode"], "batch": b,
                          "step_bytes": sampler.step_bytes(cfg, params, b, size.prompt + size.new / 2),
                          f"tokens_{side}": r["tokens"].tolist()})
-        del model, params
+        del model, params, on_device
     return rows
 
 

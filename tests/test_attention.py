@@ -48,7 +48,7 @@ def _rel(a, b):
 
 def test_backward_matches_autodiff_of_the_formula_including_padding_rows():
     q, k, v, mask, w, _ = _inputs(24)
-    got = _value_and_grads(lambda q, k, v: qwen2.dot_product_attention(q, k, v, mask, "einsum", jnp.float32), q, k, v, w)
+    got = _value_and_grads(lambda q, k, v: qwen2.dot_product_attention(q, k, v, mask, "einsum"), q, k, v, w)
     want = _value_and_grads(lambda q, k, v: _reference(q, k, v, mask), q, k, v, w)
     assert _rel(got[0], want[0]) < 1e-5
     for g, r in zip(got[1], want[1]):
@@ -61,7 +61,7 @@ def test_causal_blocks_equal_one_block_on_rows_that_see_a_key(t):
     assert len(qwen2.causal_blocks(t)) > 2  # the test must cross block bounds
     w = w * jnp.asarray(seg > 0)[:, :, None, None]  # padding rows carry no loss, as in training
     att = lambda causal: lambda q, k, v: qwen2.dot_product_attention(  # noqa: E731
-        q, k, v, mask, "einsum", jnp.float32, causal=causal)
+        q, k, v, mask, "einsum", causal=causal)
     blocked, whole = _value_and_grads(att(True), q, k, v, w), _value_and_grads(att(False), q, k, v, w)
     visible = (seg > 0)[:, :, None, None]
     assert _rel(jnp.where(visible, att(True)(q, k, v), 0), jnp.where(visible, att(False)(q, k, v), 0)) < 1e-6

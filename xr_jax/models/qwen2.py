@@ -48,8 +48,9 @@ def attention_mask(q_segment, kv_segment, q_index, kv_index):
     return (same & causal)[:, None]
 
 
-def dot_product_attention(q, k, v, mask, impl: str, dtype, causal: bool = False):
-    """q [B,T,N,H], k/v [B,S,K,H] (GQA: query head i uses kv head i // (N/K)); mask [B,1,T,S] bool.
+def dot_product_attention(q, k, v, mask, impl: str, causal: bool = False):
+    """q [B,T,N,H], k/v [B,S,K,H] in the compute dtype (GQA: query head i uses kv head i // (N/K)); mask
+    [B,1,T,S] bool.
 
     `causal=True` promises that the mask is causal by position (query i sees no key j > i, S = T): the
     "einsum" path then cuts the queries into blocks that skip the keys after them (`causal_blocks`).
@@ -171,7 +172,7 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(dtype)
         impl = resolve_attention(self.cfg, decoding=cache_kv is not None)
         # without a cache the mask is causal over the same T slots (`attention_mask` with equal indices)
-        out = dot_product_attention(q, k, v, mask, impl, dtype, causal=cache_kv is None)
+        out = dot_product_attention(q, k, v, mask, impl, causal=cache_kv is None)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         out = Dense(tc.hidden_size, ("heads", "embed"), False, dtype, pdt, name="o_proj")(out.reshape(b, t, -1))
         return out, new_kv

@@ -69,12 +69,15 @@ def _logprob_and_lse_fwd(logits, targets):
     return (_target_logit(logits, targets) - lse, lse), (logits, lse, targets)
 
 
+def _d_logits(logits, lse, targets, g_logp, g_lse):
+    """d logits of g_logp * log p(target) + g_lse * logsumexp, in one pass: softmax * (g_lse - g_logp) + onehot * g_logp."""
+    probs = jnp.exp(logits - lse[..., None])
+    return probs * (g_lse - g_logp)[..., None] + jnp.where(_is_target(logits, targets), g_logp[..., None], 0.0)
+
+
 def _logprob_and_lse_bwd(res, g):
     logits, lse, targets = res
-    g_logp, g_lse = g
-    probs = jnp.exp(logits - lse[..., None])
-    d = probs * (g_lse - g_logp)[..., None] + jnp.where(_is_target(logits, targets), g_logp[..., None], 0.0)
-    return d.astype(logits.dtype), None
+    return _d_logits(logits, lse, targets, *g).astype(logits.dtype), None
 
 
 logprob_and_lse.defvjp(_logprob_and_lse_fwd, _logprob_and_lse_bwd)
@@ -139,11 +142,9 @@ def _fused_ce_chunks(hidden, weight, targets, ce_weights, z_weights, chunk):
     def one(d_weight, xs):
         h, tgt, w_ce, w_z = xs
         logits = jnp.dot(h, weight).astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        logp = _target_logit(logits, tgt) - lse
-        # d objective / d logits = softmax * (w_ce + 2 w_z lse) - onehot * w_ce
-        d = (jnp.exp(logits - lse[..., None]) * (w_ce + 2 * w_z * lse)[..., None]
-             - jnp.where(_is_target(logits, tgt), w_ce[..., None], 0.0))
+        (logp, lse), _ = _logprob_and_lse_fwd(logits, tgt)
+        # the objective's per-token cotangents: -w_ce for log p, 2 w_z lse for lse
+        d = _d_logits(logits, lse, tgt, -w_ce, 2 * w_z * lse)
         dh, dw = matmul_grads(h, weight, d.astype(h.dtype))
         objective = jnp.sum(-w_ce * logp + w_z * lse * lse)
         return d_weight + dw.astype(jnp.float32), (objective, logp, lse, dh)
@@ -160,14 +161,14 @@ def _fused_ce(hidden, weight, targets, ce_weights, z_weights, chunk):
 
 def _fused_ce_fwd(hidden, weight, targets, ce_weights, z_weights, chunk):
     objective, logp, lse, dh, d_weight = _fused_ce_chunks(hidden, weight, targets, ce_weights, z_weights, chunk)
-    return (objective, logp, lse), (dh, d_weight.astype(weight.dtype), ce_weights, z_weights)
+    return (objective, logp, lse), (dh, d_weight.astype(weight.dtype))
 
 
 def _fused_ce_bwd(chunk, res, g):
-    dh, d_weight, ce_weights, z_weights = res
+    dh, d_weight = res
     g_objective = g[0]  # logp and lse leave `fused_cross_entropy` through a stop_gradient
-    return (g_objective.astype(dh.dtype) * dh, g_objective.astype(d_weight.dtype) * d_weight, None,
-            jnp.zeros_like(ce_weights), jnp.zeros_like(z_weights))
+    # the loss weights are constants of the objective: no cotangent (None = zeros)
+    return g_objective.astype(dh.dtype) * dh, g_objective.astype(d_weight.dtype) * d_weight, None, None, None
 
 
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
