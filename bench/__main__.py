@@ -15,7 +15,8 @@ Sections (each side by side on the same shapes and random weights; ratio = xr_ja
 Each side runs in its own child process (the other framework idle and absent from the timings), the two
 alternating for `--reps` rounds; a figure is a side's best round, and within a round its best of 3 (SFT,
 GRPO) or median of 3 (prefill, decode). fp32 on CPU (both sides use every core the process may run on);
-bf16 on GPU (PyTorch: autocast / bf16 weights, sdpa attention).
+bf16 on GPU (PyTorch: autocast / bf16 weights, sdpa attention). On a CPU backend the xr_jax side keeps freed
+host memory as `xr-jax` does (`xr_jax.host_memory`); `--same-host-malloc` gives PyTorch the same settings.
 Writes bench.json under --out (default $OUT, else a temp dir) and prints the table last.
 Imports only jax, flax, optax, numpy, torch and transformers (no grain, no datasets: checked at the end).
 """
@@ -34,6 +35,7 @@ import jax
 import numpy as np
 
 from bench import grpo as grpo_bench, machine, sampler, train_step
+from xr_jax.host_memory import reuse_freed_memory
 from xr_jax.models.presets import preset
 from xr_jax.train import flops
 
@@ -210,7 +212,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--sections", nargs="+", default=["sft", "decode", "grpo"], choices=sorted(SECTIONS))
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process: measure this side
     ap.add_argument("--rows", help=argparse.SUPPRESS)  # where the child writes its rows
+    ap.add_argument("--same-host-malloc", action="store_true",
+                    help="give the PyTorch side xr_jax's host allocator settings too (xr_jax.host_memory)")
     args = ap.parse_args(argv)
+    if args.side == "xr_jax" or (args.side and args.same_host_malloc):
+        reuse_freed_memory()  # what `xr-jax` does on a CPU backend; before the backend starts
     on_gpu = jax.default_backend() == "gpu"
     if args.side:
         args.reps = INNER_REPS
@@ -227,7 +233,8 @@ def main(argv=None) -> dict:
             "matmul_flops": machine.matmul_rate(size.matmul_n, mm_dtype), "matmul_dtype": mm_dtype}
     if on_gpu:
         ceil["datasheet_hbm_bytes_per_s"] = machine.datasheet_hbm(info["device"])
-    rows, leaked = run_sides(["--size", size_name, "--sections", *args.sections], args.reps)
+    rows, leaked = run_sides(["--size", size_name, "--sections", *args.sections]
+                             + ["--same-host-malloc"] * args.same_host_malloc, args.reps)
     rows = derive(rows, ceil)
     leaked = sorted(set(leaked) | {m for m in ("grain", "datasets") if m in sys.modules})
     result = {"machine": info, "size": size_name, "ceilings": ceil, "rows": rows,

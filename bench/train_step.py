@@ -9,7 +9,8 @@ Needs only jax/flax/optax/numpy (and torch/transformers for the comparison) — 
   python -m bench.train_step --shape qwen2.5-1.5b --batch 1 --seq 4096   # GPU (bf16)
 
 Both this script's main and the suite (`python -m bench`) run each side in its own child process: beside
-an idle XLA thread pool, PyTorch's step measured up to 2.7x slower on 2 CPU cores.
+an idle XLA thread pool, PyTorch's step measured up to 2.7x slower on 2 CPU cores. The JAX side keeps freed
+host memory as `xr-jax` does on CPU (`xr_jax.host_memory`); `--same-host-malloc` does the same for PyTorch.
 """
 
 from __future__ import annotations
@@ -144,11 +145,16 @@ def main() -> None:
     p.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s for MFU")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--json", help="also write the result here")
+    p.add_argument("--same-host-malloc", action="store_true",
+                   help="give the PyTorch side xr_jax's host allocator settings too (xr_jax.host_memory)")
     args = p.parse_args()
 
+    from xr_jax.host_memory import reuse_freed_memory
     from xr_jax.models.presets import preset
     from xr_jax.train import flops
 
+    if args.only == "jax" or (args.only and args.same_host_malloc):
+        reuse_freed_memory()  # what `xr-jax` does on a CPU backend; before the backend starts
     on_cpu = jax.devices()[0].platform == "cpu"
     dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
     cfg = preset(args.shape, dtype=dtype, remat=args.remat)

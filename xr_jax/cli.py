@@ -327,6 +327,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv=None) -> int:
+    from xr_jax.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # before anything starts JAX's backend (a no-op off the CPU)
     parser = argparse.ArgumentParser(prog="xr-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, add_args, _) in COMMANDS.items():
