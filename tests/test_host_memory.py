@@ -29,9 +29,7 @@ for _ in range(30):
 print(json.dumps({"applied": applied, "faults": statistics.median(faults[10:])}))
 """
 
-glibc = pytest.mark.skipif(
-    not ("CS_GNU_LIBC_VERSION" in os.confstr_names and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")),
-    reason="the settings are glibc's")
+glibc = pytest.mark.skipif(not host_memory.on_glibc(), reason="the settings are glibc's")
 
 
 def probe(mode: str, **env) -> dict:

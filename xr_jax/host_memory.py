@@ -51,6 +51,13 @@ def cpu_backend_expected(platforms: Optional[str] = None, plugins: Optional[list
     return not (accelerator_plugins() if plugins is None else plugins)
 
 
+def on_glibc() -> bool:
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no os.confstr (Windows), or a libc without the name
+        return False
+
+
 def _backend_started() -> bool:
     from jax._src import xla_bridge
 
@@ -63,8 +70,7 @@ def reuse_freed_memory() -> bool:
     out); returns whether they were applied. Call it first thing in a process that runs JAX on the CPU."""
     if os.environ.get("XR_JAX_HOST_MALLOC", "").lower() == "system":
         return False
-    libc_name = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else ""
-    if not libc_name.startswith("glibc") or not cpu_backend_expected() or _backend_started():
+    if not on_glibc() or not cpu_backend_expected() or _backend_started():
         return False
     mallopt = ctypes.CDLL(None).mallopt
     return all(mallopt(option, value) == 1 for option, value in (
