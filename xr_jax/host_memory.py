@@ -11,7 +11,9 @@ blocks then stay in the process for the next step; the resident size stays at th
 training reaches anyway. They only take effect for threads that have not allocated yet, so they must be set
 before JAX starts its backend, and they are only set when that backend will be the CPU: on GPU and TPU
 hosts device memory has its own allocator and host-side threads keep glibc's defaults.
-Set XR_JAX_HOST_MALLOC=system to leave glibc's defaults everywhere.
+The cost: one arena is one malloc lock for all threads. A toy model whose step is ~12 ms and never allocates
+large blocks loses about 2 ms a step to it (the `tiny` preset's SFT step); set XR_JAX_HOST_MALLOC=system to
+leave glibc's defaults everywhere.
 """
 
 from __future__ import annotations
