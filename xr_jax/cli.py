@@ -327,14 +327,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv=None) -> int:
-    from xr_jax.host_memory import reuse_freed_memory
-
-    reuse_freed_memory()  # before anything starts JAX's backend (a no-op off the CPU)
     parser = argparse.ArgumentParser(prog="xr-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_, description=help_))
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help and usage errors exit here, without importing JAX
+    from xr_jax.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # before anything starts JAX's backend (a no-op off the CPU)
     try:
         COMMANDS[args.command][2](args)
     except user_errors() as e:
