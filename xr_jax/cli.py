@@ -316,14 +316,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean a user mistake (bad path, config, checkpoint, mesh): one line, exit 2."""
     from xr_jax.chat_sampling import ChatError
     from xr_jax.config import ConfigError
+    from xr_jax.errors import UserError
     from xr_jax.data.images import ImageError
     from xr_jax.models.hf import CheckpointError
     from xr_jax.parallel import MeshError
     from xr_jax.plan import PlanError
     from xr_jax.plot import MetricsError
 
-    return (CheckpointError, ConfigError, MeshError, FileNotFoundError, ChatError, ImageError, MetricsError,
-            PlanError)
+    return (UserError, CheckpointError, ConfigError, MeshError, FileNotFoundError, ChatError, ImageError,
+            MetricsError, PlanError)
 
 
 def main(argv=None) -> int:
