@@ -23,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -303,12 +304,15 @@ def verify_manifest(step_dir: str) -> Optional[str]:
 # ----------------------------------------------------------------------------- Orbax noise
 
 
-def _drop_closed_loop_noise(unraisable) -> None:
-    """After a failed Orbax restore, TensorStore reads still in flight complete into the asyncio loop that
-    the failure closed, and each reports `RuntimeError: Event loop is closed` as unraisable (hundreds of
-    tracebacks for one bad checkpoint). Those are dropped; anything else goes to the previous hook."""
-    e = unraisable.exc_value
-    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and unraisable.object is None:
+def _drop_failed_read_noise(unraisable) -> None:
+    """When an Orbax restore fails, TensorStore reads still in flight complete into the asyncio loop that the
+    failure closes (each reports `RuntimeError: Event loop is closed`), and Orbax's pending read coroutines
+    are closed unawaited: hundreds of tracebacks for one bad checkpoint, printed as "unraisable" errors.
+    Those two kinds are dropped; anything else goes to the previous hook."""
+    e, obj = unraisable.exc_value, unraisable.object
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and obj is None:
+        return
+    if inspect.iscoroutine(obj) and "orbax" in obj.cr_code.co_filename:
         return
     _previous_unraisablehook(unraisable)
 
@@ -317,10 +321,11 @@ _previous_unraisablehook = sys.unraisablehook
 
 
 def _quiet_failed_restores() -> None:
-    if sys.unraisablehook is not _drop_closed_loop_noise:
-        global _previous_unraisablehook
+    """Install `_drop_failed_read_noise` (once; it must be in place before a restore can fail)."""
+    global _previous_unraisablehook
+    if sys.unraisablehook is not _drop_failed_read_noise:
         _previous_unraisablehook = sys.unraisablehook
-        sys.unraisablehook = _drop_closed_loop_noise
+        sys.unraisablehook = _drop_failed_read_noise
 
 
 def _short(e: BaseException) -> str:
@@ -468,11 +473,8 @@ class Checkpointer:
         return moved
 
     def _restore(self, step: int, args):
-        try:
-            return self._manager.restore(step, args=args)
-        except Exception:
-            _quiet_failed_restores()  # its in-flight reads report into a closed event loop
-            raise
+        _quiet_failed_restores()
+        return self._manager.restore(step, args=args)
 
     def restore(self, abstract_state, step: Optional[int] = None, *, config: Optional[dict] = None,
                 defaults: Optional[dict] = None, allow: Union[bool, Sequence[str]] = ()) -> Optional[Restored]:
