@@ -207,10 +207,10 @@ class DirLock:
         log.warning("took over the stale lock of %s (%s)", os.path.dirname(self.path), describe_holder(holder))
         return True
 
-    def acquire(self, command: Optional[str] = None) -> None:
+    def acquire(self) -> None:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
               "boot_id": _boot_id(), "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "command": command if command is not None else " ".join(sys.argv), "token": uuid.uuid4().hex}
+              "command": " ".join(sys.argv), "token": uuid.uuid4().hex}
         for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -293,7 +293,10 @@ def verify_manifest(step_dir: str) -> Optional[str]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable checksum manifest ({type(e).__name__})"
     missing = [f for f in expected if not os.path.isfile(os.path.join(step_dir, f))]
-    got = _digests(step_dir, [f for f in expected if f not in missing])
+    try:
+        got = _digests(step_dir, [f for f in expected if f not in missing])
+    except OSError as e:
+        return f"unreadable file ({_short(e)})"
     bad = missing + [f for f, digest in got.items() if digest != expected[f]]
     if not bad:
         return None
