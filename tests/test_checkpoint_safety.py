@@ -6,11 +6,13 @@ hundreds, for a directory with nothing usable."""
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from tests.test_sft_resume import _assert_same, _state
@@ -147,27 +149,57 @@ def test_a_key_an_older_checkpoint_lacks_counts_as_its_default():
 # ----------------------------------------------------------------------------- corruption
 
 
-def test_zeroed_bytes_are_detected_and_the_previous_step_restored(tmp_path, states, caplog):
-    s1, _, abstract = states
-    _saved(tmp_path, states, config={"a": 1})
-    victim = _largest_data_file(tmp_path / "2" / "state")
-    size = os.path.getsize(victim)
-    with open(victim, "r+b") as f:  # 64 zeroed bytes inside compressed array data: Orbax reads it without error
-        f.seek(int(size * 0.7))
+def _zero_64(path, where):
+    with open(path, "r+b") as f:
+        f.seek(where)
         f.write(bytes(64))
-    ck = checkpoint.Checkpointer(str(tmp_path), keep=5)
+
+
+def _zero_where_orbax_does_not_notice(directory, step, abstract, saved_state):
+    """Zero 64 bytes inside the step's largest array data file at a place where Orbax alone (no checksums)
+    restores the step without an error but with wrong values; returns (file, how many values differ). The
+    place is probed on copies: which bytes decompress silently depends on the file's layout, which varies
+    from one save to the next."""
+    victim = _largest_data_file(directory / str(step) / "state")
+    for frac in np.linspace(0.05, 0.95, 19):
+        probe = directory.parent / f"probe-{frac:.2f}"
+        shutil.copytree(directory, probe)
+        os.remove(probe / str(step) / checkpoint.MANIFEST_FILE)
+        where = int(os.path.getsize(victim) * frac)
+        _zero_64(probe / os.path.relpath(victim, directory), where)
+        try:
+            got = checkpoint.Checkpointer(str(probe)).restore(abstract, step=step)
+        except checkpoint.CheckpointError:
+            continue
+        finally:
+            shutil.rmtree(probe)
+        wrong = sum(int((np.asarray(a) != np.asarray(b)).sum())
+                    for a, b in zip(jax.tree_util.tree_leaves(got.state), jax.tree_util.tree_leaves(saved_state)))
+        if wrong:
+            _zero_64(victim, where)
+            return victim, wrong
+    pytest.fail("no place found where zeroed bytes restore silently")
+
+
+def test_zeroed_bytes_are_detected_and_the_previous_step_restored(tmp_path, states, caplog):
+    s1, s2, abstract = states
+    _saved(tmp_path / "ck", states, config={"a": 1})
+    victim, wrong = _zero_where_orbax_does_not_notice(tmp_path / "ck", 2, abstract, s2)
+    assert wrong > 0  # what a restore without checksums gives: step 2 with wrong values, no message
+    ck = checkpoint.Checkpointer(str(tmp_path / "ck"), keep=5)
+    caplog.clear()  # the probes' warnings
     with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoint"):
         got = ck.restore(abstract)
     assert got.step == 1 and got.data_state == {"index": 1}
     _assert_same(got.state, s1)
     (record,) = caplog.records  # ONE message
-    rel = os.path.relpath(victim, tmp_path / "2")
+    rel = os.path.relpath(victim, tmp_path / "ck" / "2")
     assert f"step 2 is corrupt (checksum mismatch in {rel})" in record.getMessage()
     assert "restored step 1 instead" in record.getMessage()
     # kept for inspection, out of Orbax's listing
-    (moved,) = os.listdir(tmp_path / checkpoint.CORRUPT_DIR)
+    (moved,) = os.listdir(tmp_path / "ck" / checkpoint.CORRUPT_DIR)
     assert moved.startswith("2-") and ck.steps() == [1]
-    assert checkpoint.verify_manifest(str(tmp_path / "1")) is None
+    assert checkpoint.verify_manifest(str(tmp_path / "ck" / "1")) is None
 
 
 def test_a_truncated_latest_step_is_moved_aside_and_saved_again(tmp_path, states, caplog):
@@ -197,9 +229,7 @@ def test_a_directory_with_nothing_usable_gives_one_line(tmp_path, states):
         for root, _, files in os.walk(tmp_path / "ck" / str(step) / "state"):
             for name in files:
                 if os.sep + "d" in root:
-                    with open(os.path.join(root, name), "r+b") as f:
-                        f.seek(os.path.getsize(f.name) // 2)
-                        f.write(bytes(64))
+                    _zero_64(os.path.join(root, name), os.path.getsize(os.path.join(root, name)) // 2)
     r = _cli("train.steps=4", f"checkpoint.dir={tmp_path / 'ck'}", f"logging.dir={tmp_path}")
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and not r.stdout, r.stderr[-3000:]

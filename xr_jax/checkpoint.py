@@ -33,6 +33,7 @@ import time
 import uuid
 from typing import Any, Optional, Sequence, Union
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -43,6 +44,7 @@ log = logging.getLogger("xr_jax.checkpoint")
 LOCK_FILE = "xr_jax.lock"
 MANIFEST_FILE = "xr_jax_checksums.json"
 CORRUPT_DIR = "corrupt"
+UNVERIFIED = "unverified"  # the verdict on a step without a checksum manifest
 
 # Keys (or whole sections) whose change does not alter what the saved state means: run length, output,
 # cadence and evaluation settings, and memory/layout knobs that compute the same function (restoring onto
@@ -284,12 +286,12 @@ def write_manifest(step_dir: str) -> None:
 
 
 def verify_manifest(step_dir: str) -> Optional[str]:
-    """None when every file matches the step's manifest, "unverified" when it has none, else what differs."""
+    """None when every file matches the step's manifest, UNVERIFIED when it has none, else what differs."""
     try:
         with open(os.path.join(step_dir, MANIFEST_FILE)) as f:
             expected = json.load(f)["files"]
     except FileNotFoundError:
-        return "unverified"
+        return UNVERIFIED
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable checksum manifest ({type(e).__name__})"
     missing = [f for f in expected if not os.path.isfile(os.path.join(step_dir, f))]
@@ -355,8 +357,6 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int = 3, every: int = 1, async_save: bool = True,
                  lock: bool = False):
-        import jax
-
         self.directory = os.path.abspath(directory)
         self.every = every
         self._main = jax.process_index() == 0
@@ -380,8 +380,6 @@ class Checkpointer:
                 self._lock.acquire()
             except CheckpointLocked as e:
                 error = e
-        import jax
-
         if jax.process_count() > 1 and not _from_process_0(error is None):
             raise error or CheckpointLocked(f"checkpoint.dir {self.directory} is in use by another run "
                                             "(process 0 says by whom)")
@@ -450,15 +448,13 @@ class Checkpointer:
     # -- restoring
 
     def _verdict(self, step: int) -> Optional[str]:
-        """None (checksums match), "unverified" (no manifest) or why the step is corrupt; process 0 hashes,
+        """None (checksums match), UNVERIFIED (no manifest) or why the step is corrupt; process 0 hashes,
         every process gets its verdict."""
-        import jax
-
         reason = verify_manifest(self._step_dir(step)) if self._main else None
         if jax.process_count() == 1:
             return reason
-        code = _from_process_0({None: 0, "unverified": 1}.get(reason, 2))
-        return reason if self._main else [None, "unverified", "corrupt (see process 0)"][code]
+        code = _from_process_0({None: 0, UNVERIFIED: 1}.get(reason, 2))
+        return reason if self._main else [None, UNVERIFIED, "corrupt (see process 0)"][code]
 
     def _move_aside(self, steps: list[int]) -> dict[int, str]:
         """Move corrupt steps to `corrupt/<step>-<UTC time>`, out of what Orbax lists; {step: new path}."""
@@ -468,8 +464,6 @@ class Checkpointer:
             os.makedirs(os.path.join(self.directory, CORRUPT_DIR), exist_ok=True)
             for s, dest in moved.items():
                 os.rename(self._step_dir(s), dest)
-        import jax
-
         if jax.process_count() > 1:
             _from_process_0(0)  # a barrier: nobody re-lists the steps before process 0 has moved them
         self._manager.reload()
@@ -494,7 +488,7 @@ class Checkpointer:
         skipped: list[tuple[int, str]] = []
         for s in steps:
             reason = self._verdict(s)
-            if reason not in (None, "unverified"):
+            if reason not in (None, UNVERIFIED):
                 skipped.append((s, reason))
                 continue
             try:
@@ -537,9 +531,10 @@ class Checkpointer:
         notes = []
         if skipped:
             moved = self._move_aside([s for s, _ in skipped])
-            notes += [f"step {s} is corrupt ({r}), moved to {os.path.relpath(moved[s], self.directory)}" for s, r in skipped]
+            notes += [f"step {s} is corrupt ({r}), moved to {os.path.relpath(moved[s], self.directory)}"
+                      for s, r in skipped]
             notes.append(f"restored step {step} instead; the steps after it will be trained (and saved) again")
-        if verdict == "unverified":
+        if verdict == UNVERIFIED:
             notes.append(f"step {step} has no checksums (saved by an older xr_jax, or the run ended before they "
                          "were written) and is restored unverified")
         if notes and self._main:
