@@ -334,7 +334,9 @@ def _quiet_failed_restores() -> None:
 
 
 def _short(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    """`Type: first line`, without TensorStore's multi-kilobyte spec dump, at most ~160 characters."""
+    text = str(e).split(" See full TensorStore details")[0].splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text[:160]}"
 
 
 # ----------------------------------------------------------------------------- the checkpointer
