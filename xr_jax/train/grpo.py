@@ -29,6 +29,7 @@ from xr_jax import parallel
 from xr_jax.eval_model import token_byte_table
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
+from xr_jax.rewards.choice import reward_ground_truth
 from xr_jax.sampling import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig, cast_params, prepare_prompts
 from xr_jax.train.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
 from xr_jax.train.losses import target_logprobs_and_lse
@@ -207,7 +208,8 @@ class GRPOTrainer:
         sample_params = cast_params(params, g.sampler_dtype) if g.sampler_dtype else params
         out = self.sampler.generate(sample_params, prompts, rng=key, group_size=g.group_size)
         texts = [self.decode(out.row_ids(i)) for i in range(len(out.lengths))]
-        answers = [a for a in batch["answers"] for _ in range(g.group_size)]
+        truths = [reward_ground_truth(g.reward, a, c) for a, c in zip(batch["answers"], batch["choices"])]
+        answers = [a for a in truths for _ in range(g.group_size)]
         correct, stats = self.pool.score_batch(g.reward, texts, answers, timeout=g.reward_timeout)
         correct = np.asarray(correct, np.float32)
         rewards = correct.copy()
