@@ -14,6 +14,7 @@ import types
 import typing
 from typing import Any, Optional, Sequence, Union
 
+from xr_jax.data import images as images_lib
 from xr_jax.data.synthetic import SyntheticConfig
 from xr_jax.evaluation import EvalSection
 
@@ -53,7 +54,9 @@ class DataSection:
     built-in arithmetic task, `synthetic` sets it up) or a `sources` format name read from `path`. pack:
     first-fit packing of examples into rows (text only). prompt_template: how a question becomes the user turn
     (`templates.PROMPT_TEMPLATES`: the paper's "x_reasoner_train", "plain", ...). system: the system message
-    (None: the chat template's default, "You are a helpful assistant.")."""
+    (None: the chat template's default, "You are a helpful assistant."). min_pixels / max_pixels: the
+    resolution bounds of image rows (`xr_jax.data.images`; default the checkpoints' preprocessor_config.json,
+    3136 / 12845056; the paper's data is text only)."""
 
     source: str = "random"
     path: Optional[str] = None
@@ -64,6 +67,8 @@ class DataSection:
     pack: bool = True
     shuffle: bool = True
     tokenizer: Optional[str] = None
+    min_pixels: int = images_lib.DEFAULT_MIN_PIXELS
+    max_pixels: int = images_lib.DEFAULT_MAX_PIXELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +250,10 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+        try:
+            images_lib.ImageConfig(min_pixels=self.data.min_pixels, max_pixels=self.data.max_pixels)
+        except ValueError as e:
+            raise ConfigError(f"config keys 'data.min_pixels' / 'data.max_pixels': {e}") from None
         if self.grpo.gap_every < 0:
             raise ConfigError(f"config key 'grpo.gap_every' must be >= 0 (0 = never), got {self.grpo.gap_every}")
         if self.train.batch_size % self.train.microbatches:

@@ -309,12 +309,12 @@ class GRPOTrainer:
 def load_prompts(config, tokenizer):
     """The RL prompt iterator (grain; its state is saved in checkpoints) for `data.source`."""
     from xr_jax.data import pipeline
-    from xr_jax.train.sft import make_source, prompt_config
+    from xr_jax.train.sft import image_config, make_source, prompt_config
 
     g, d = config.grpo, config.data
     pcfg = pipeline.PromptBatchConfig(
         batch_size=config.train.batch_size, max_prompt_len=g.max_prompt_len, seed=config.train.seed,
-        shuffle=d.shuffle, prompt=prompt_config(d))
+        shuffle=d.shuffle, prompt=prompt_config(d), image=image_config(d))
     return iter(pipeline.rl_pipeline(make_source(config), tokenizer, pcfg))
 
 
