@@ -172,9 +172,12 @@ class GRPOSection:
       kl_coef 0 loads no reference model at all.
     minibatches: optimizer steps per rollout batch (1 = the paper's literal reading); update_passes: passes
       over the rollout batch; microbatches: gradient accumulation inside each optimizer step.
-    old_logprobs: "sampler" (pi_old = the rollout's log-probs) or "recompute" (a training forward first).
-    gap_every: with "sampler", log `sampler_logp_gap` (mean |sampler - trainer log-prob|, one extra forward) on
-      the first rollout step and every `gap_every` steps after; 0 = never.
+    old_logprobs: "sampler" (pi_old = the rollout's log-probs) or "recompute" (a forward pass of the rollout
+      policy before the updates, as verl does: the first minibatch's ratio is then 1 by construction, and
+      sampler/trainer numeric differences do not enter the ratio). The two agree when the sampler's and the
+      trainer's log-probs agree (`sampler_logp_gap`).
+    gap_every: log `sampler_logp_gap` (mean |sampler - trainer log-prob| over loss tokens; with "sampler" one
+      extra forward, with "recompute" free) on the first rollout step and every `gap_every` steps after; 0 = never.
     sampler_dtype: sample with a copy of the params in this dtype (None: the params as they are).
     """
 

@@ -245,10 +245,13 @@ class GRPOTrainer:
             rows["ref_logp"] = parallel.host_array(self.logprobs(self.ref_params, put(self._with_placeholders(rows))))
         else:
             rows["ref_logp"] = np.zeros_like(rows["old_logp"])
-        if g.old_logprobs == "recompute":
-            rows["old_logp"] = parallel.host_array(self.logprobs(state.params, put(self._with_placeholders(rows))))
-        check_gap = g.old_logprobs == "sampler" and g.gap_every > 0 and int(state.step) % g.gap_every == 0
-        gap = {"sampler_logp_gap": self._sampler_mismatch(state.params, rows, put)} if check_gap else {}
+        check_gap = g.gap_every > 0 and int(state.step) % g.gap_every == 0
+        if g.old_logprobs == "recompute":  # verl's way: pi_old from a training forward of the rollout policy
+            train = parallel.host_array(self.logprobs(state.params, put(self._with_placeholders(rows))))
+            gap = {"sampler_logp_gap": self._gap(train, rows)} if check_gap else {}
+            rows["old_logp"] = train
+        else:
+            gap = {"sampler_logp_gap": self._sampler_mismatch(state.params, rows, put)} if check_gap else {}
         t1 = time.perf_counter()
         order = np.asarray(jax.random.permutation(update_key, n))
         per = n // g.minibatches
@@ -295,7 +298,10 @@ class GRPOTrainer:
 
     def _sampler_mismatch(self, params, rows, put) -> float:
         """Mean |logp_sampler - logp_train| over loss tokens (the §1.9 gap; 0 up to fp error here)."""
-        train = parallel.host_array(self.logprobs(params, put(self._with_placeholders(rows))))
+        return self._gap(parallel.host_array(self.logprobs(params, put(self._with_placeholders(rows)))), rows)
+
+    @staticmethod
+    def _gap(train: np.ndarray, rows: dict) -> float:
         mask = rows["loss_mask"] > 0
         return float(np.abs(train - rows["old_logp"])[mask].mean()) if mask.any() else 0.0
 
