@@ -69,3 +69,19 @@ def test_on_policy_ratio_is_one_and_recomputed_old_logprobs_agree_with_the_sampl
     for key in ("reward_mean", "ratio_mean_first", "ratio_mean_last", "loss", "grad_norm"):
         assert recompute[key] == pytest.approx(sampler[key], rel=1e-4, abs=1e-5), key
     assert abs(recompute["ratio_mean_last"] - 1.0) > 1e-4  # the second minibatch saw an updated policy
+
+
+def test_med_grpo_config_runs_one_step_on_medqa(tmp_path):
+    """configs/x_reasoner_med_grpo.yaml as written (multiple-choice reward, KL to the reference, recompute,
+    dual clip), shrunk only in model and batch, runs a rollout step on the 4- and 5-option MedQA fixtures."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = config_lib.load(os.path.join(root, "configs", "x_reasoner_med_grpo.yaml"), [
+        "model.preset=tiny", "model.vocab_size=null", "model.dtype=float32", "model.remat=none", "mesh.shape=[-1,1,1]",
+        "data.tokenizer=tiny", f"data.path={root}/tests/fixtures/data/medqa", "train.steps=1", "train.batch_size=8",
+        "grpo.group_size=2", "grpo.max_new_tokens=8", "grpo.microbatches=1", "grpo.max_prompt_len=640",
+        f"logging.dir={tmp_path}", "logging.progress=false"])
+    assert (cfg.data.source, cfg.grpo.reward, cfg.grpo.old_logprobs, cfg.grpo.dual_clip) == (
+        "medqa", "multiple_choice", "recompute", 3.0)
+    m = grpo.main(cfg)
+    assert m["response_tokens"] > 0 and 0.0 <= m["reward_mean"] <= 1.0
+    assert m["ratio_mean_first"] == 1.0 and m["reward_errors"] == 0 and m["kl"] == pytest.approx(0.0, abs=1e-6)
