@@ -164,7 +164,10 @@ class GRPOSection:
     max_prompt_len / max_new_tokens: prompt budget (longer prompts are dropped and counted) and response
       length (paper: 4096). forced_exit: use the thinking budget `max_think` + `max_answer` in rollouts
       (paper: off in RL); mask_forced: keep forced-exit tokens out of the loss.
-    reward: the reward function's registered name; format_weight: adds weight x the `format` reward.
+    reward: the reward function's registered name: `math` / `multiple_choice` extract strictly (a closed
+      `<answer>` span, as the X-Reasoner templates ask; no span = 0), `math_lenient` / `multiple_choice_lenient`
+      also take a bare `\\boxed{}` (tagless templates); multiple-choice rows pass their option texts.
+      format_weight: adds weight x the `format` reward.
     reward_modules: modules imported at start so that the rewards they register (`@xr_jax.rewards.register`)
       can be named in `reward`, e.g. ["my_lab.rewards"] (importable on every host).
     advantage: "grpo" ((r - mean) / (std + eps), unbiased std) or "dr_grpo" (r - mean).

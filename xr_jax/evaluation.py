@@ -305,8 +305,8 @@ def score_records(records: Sequence[Record], scorer: Scorer) -> list[Record]:
 class RewardScorer:
     """Scores with the project's reward functions (`multiple_choice`, `math`) in the reward worker pool.
 
-    Extraction (last `<answer>` span, then `\\boxed{}`) and option matching are the rewards' own, so an
-    evaluation scores exactly what RL rewarded. Items with several accepted answers (MMMU open questions)
+    Extraction (strict: the last closed `<answer>` span, then a `\\boxed{}` inside it) and option matching
+    are the rewards' own, so an evaluation scores exactly what RL rewarded. Items with several accepted answers (MMMU open questions)
     are correct when any one matches.
     """
 

@@ -47,7 +47,7 @@ class Example:
     question: the problem text, without any prompt template.
     response: the SFT target (assistant turn), already in the `<think>…</think>…<answer>…</answer>` form.
     answer: the verifiable ground truth (RL / eval), e.g. "18", "\\frac{1}{2}", "C".
-    choices: multiple-choice options {letter: text} (eval), in order.
+    choices: multiple-choice options {letter: text} (RL and eval), in order.
     images: image references (paths, bytes, PIL images, arrays, datasets Image cells), images first in the turn.
     meta: anything else worth carrying to evaluation logs (file name, domain).
     """
