@@ -14,6 +14,7 @@ import types
 import typing
 from typing import Any, Optional, Sequence, Union
 
+from xr_jax.data import images as images_lib
 from xr_jax.data.synthetic import SyntheticConfig
 from xr_jax.evaluation import EvalSection
 
@@ -53,7 +54,9 @@ class DataSection:
     built-in arithmetic task, `synthetic` sets it up) or a `sources` format name read from `path`. pack:
     first-fit packing of examples into rows (text only). prompt_template: how a question becomes the user turn
     (`templates.PROMPT_TEMPLATES`: the paper's "x_reasoner_train", "plain", ...). system: the system message
-    (None: the chat template's default, "You are a helpful assistant.")."""
+    (None: the chat template's default, "You are a helpful assistant."). min_pixels / max_pixels: the
+    resolution bounds of image rows (`xr_jax.data.images`; default the checkpoints' preprocessor_config.json,
+    3136 / 12845056; the paper's data is text only)."""
 
     source: str = "random"
     path: Optional[str] = None
@@ -64,6 +67,8 @@ class DataSection:
     pack: bool = True
     shuffle: bool = True
     tokenizer: Optional[str] = None
+    min_pixels: int = images_lib.DEFAULT_MIN_PIXELS
+    max_pixels: int = images_lib.DEFAULT_MAX_PIXELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +167,10 @@ class GRPOSection:
     max_prompt_len / max_new_tokens: prompt budget (longer prompts are dropped and counted) and response
       length (paper: 4096). forced_exit: use the thinking budget `max_think` + `max_answer` in rollouts
       (paper: off in RL); mask_forced: keep forced-exit tokens out of the loss.
-    reward: the reward function's registered name; format_weight: adds weight x the `format` reward.
+    reward: the reward function's registered name: `math` / `multiple_choice` extract strictly (a closed
+      `<answer>` span, as the X-Reasoner templates ask; no span = 0), `math_lenient` / `multiple_choice_lenient`
+      also take a bare `\\boxed{}` (tagless templates); multiple-choice rows pass their option texts.
+      format_weight: adds weight x the `format` reward.
     reward_modules: modules imported at start so that the rewards they register (`@xr_jax.rewards.register`)
       can be named in `reward`, e.g. ["my_lab.rewards"] (importable on every host).
     advantage: "grpo" ((r - mean) / (std + eps), unbiased std) or "dr_grpo" (r - mean).
@@ -170,9 +178,12 @@ class GRPOSection:
       kl_coef 0 loads no reference model at all.
     minibatches: optimizer steps per rollout batch (1 = the paper's literal reading); update_passes: passes
       over the rollout batch; microbatches: gradient accumulation inside each optimizer step.
-    old_logprobs: "sampler" (pi_old = the rollout's log-probs) or "recompute" (a training forward first).
-    gap_every: with "sampler", log `sampler_logp_gap` (mean |sampler - trainer log-prob|, one extra forward) on
-      the first rollout step and every `gap_every` steps after; 0 = never.
+    old_logprobs: "sampler" (pi_old = the rollout's log-probs) or "recompute" (a forward pass of the rollout
+      policy before the updates, as verl does: the first minibatch's ratio is then 1 by construction, and
+      sampler/trainer numeric differences do not enter the ratio). The two agree when the sampler's and the
+      trainer's log-probs agree (`sampler_logp_gap`).
+    gap_every: log `sampler_logp_gap` (mean |sampler - trainer log-prob| over loss tokens; with "sampler" one
+      extra forward, with "recompute" free) on the first rollout step and every `gap_every` steps after; 0 = never.
     sampler_dtype: sample with a copy of the params in this dtype (None: the params as they are).
     """
 
@@ -248,6 +259,10 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+        try:
+            images_lib.ImageConfig(min_pixels=self.data.min_pixels, max_pixels=self.data.max_pixels)
+        except ValueError as e:
+            raise ConfigError(f"config keys 'data.min_pixels' / 'data.max_pixels': {e}") from None
         if self.grpo.gap_every < 0:
             raise ConfigError(f"config key 'grpo.gap_every' must be >= 0 (0 = never), got {self.grpo.gap_every}")
         if self.train.batch_size % self.train.microbatches:

@@ -29,6 +29,7 @@ from xr_jax import parallel
 from xr_jax.eval_model import token_byte_table
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
+from xr_jax.rewards.choice import reward_ground_truth
 from xr_jax.sampling import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig, cast_params, prepare_prompts
 from xr_jax.train.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
 from xr_jax.train.losses import target_logprobs_and_lse
@@ -207,7 +208,8 @@ class GRPOTrainer:
         sample_params = cast_params(params, g.sampler_dtype) if g.sampler_dtype else params
         out = self.sampler.generate(sample_params, prompts, rng=key, group_size=g.group_size)
         texts = [self.decode(out.row_ids(i)) for i in range(len(out.lengths))]
-        answers = [a for a in batch["answers"] for _ in range(g.group_size)]
+        truths = [reward_ground_truth(g.reward, a, c) for a, c in zip(batch["answers"], batch["choices"])]
+        answers = [a for a in truths for _ in range(g.group_size)]
         correct, stats = self.pool.score_batch(g.reward, texts, answers, timeout=g.reward_timeout)
         correct = np.asarray(correct, np.float32)
         rewards = correct.copy()
@@ -243,10 +245,13 @@ class GRPOTrainer:
             rows["ref_logp"] = parallel.host_array(self.logprobs(self.ref_params, put(self._with_placeholders(rows))))
         else:
             rows["ref_logp"] = np.zeros_like(rows["old_logp"])
-        if g.old_logprobs == "recompute":
-            rows["old_logp"] = parallel.host_array(self.logprobs(state.params, put(self._with_placeholders(rows))))
-        check_gap = g.old_logprobs == "sampler" and g.gap_every > 0 and int(state.step) % g.gap_every == 0
-        gap = {"sampler_logp_gap": self._sampler_mismatch(state.params, rows, put)} if check_gap else {}
+        check_gap = g.gap_every > 0 and int(state.step) % g.gap_every == 0
+        if g.old_logprobs == "recompute":  # verl's way: pi_old from a training forward of the rollout policy
+            train = parallel.host_array(self.logprobs(state.params, put(self._with_placeholders(rows))))
+            gap = {"sampler_logp_gap": self._gap(train, rows)} if check_gap else {}
+            rows["old_logp"] = train
+        else:
+            gap = {"sampler_logp_gap": self._sampler_mismatch(state.params, rows, put)} if check_gap else {}
         t1 = time.perf_counter()
         order = np.asarray(jax.random.permutation(update_key, n))
         per = n // g.minibatches
@@ -293,7 +298,10 @@ class GRPOTrainer:
 
     def _sampler_mismatch(self, params, rows, put) -> float:
         """Mean |logp_sampler - logp_train| over loss tokens (the §1.9 gap; 0 up to fp error here)."""
-        train = parallel.host_array(self.logprobs(params, put(self._with_placeholders(rows))))
+        return self._gap(parallel.host_array(self.logprobs(params, put(self._with_placeholders(rows)))), rows)
+
+    @staticmethod
+    def _gap(train: np.ndarray, rows: dict) -> float:
         mask = rows["loss_mask"] > 0
         return float(np.abs(train - rows["old_logp"])[mask].mean()) if mask.any() else 0.0
 
@@ -307,12 +315,12 @@ class GRPOTrainer:
 def load_prompts(config, tokenizer):
     """The RL prompt iterator (grain; its state is saved in checkpoints) for `data.source`."""
     from xr_jax.data import pipeline
-    from xr_jax.train.sft import make_source, prompt_config
+    from xr_jax.train.sft import image_config, make_source, prompt_config
 
     g, d = config.grpo, config.data
     pcfg = pipeline.PromptBatchConfig(
         batch_size=config.train.batch_size, max_prompt_len=g.max_prompt_len, seed=config.train.seed,
-        shuffle=d.shuffle, prompt=prompt_config(d))
+        shuffle=d.shuffle, prompt=prompt_config(d), image=image_config(d))
     return iter(pipeline.rl_pipeline(make_source(config), tokenizer, pcfg))
 
 

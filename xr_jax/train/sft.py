@@ -238,6 +238,13 @@ def prompt_config(data):
     return pipeline.PromptConfig(template=data.prompt_template, system=data.system)
 
 
+def image_config(data):
+    """The `images.ImageConfig` of a `DataSection` (resolution bounds of image rows)."""
+    from xr_jax.data import images
+
+    return images.ImageConfig(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+
+
 def make_batches(config, model_cfg: ModelConfig, tokenizer=None):
     """The process-local batch iterator named by `data.source` ("random" or a `sources.FORMATS` name)."""
     d, tr = config.data, config.train
@@ -253,7 +260,8 @@ def make_batches(config, model_cfg: ModelConfig, tokenizer=None):
                          f"{model_cfg.text.vocab_size}; use a matching tokenizer or set model.vocab_size")
     source = make_source(config)
     data_cfg = pipeline.SFTConfig(max_len=tr.seq_len, batch_size=tr.batch_size, pack=d.pack, seed=tr.seed,
-                                  prompt=prompt_config(d), shuffle=d.shuffle, num_epochs=None)
+                                  prompt=prompt_config(d), shuffle=d.shuffle, num_epochs=None,
+                                  image=image_config(d))
     return iter(pipeline.sft_pipeline(source, tokenizer, data_cfg))
 
 
