@@ -304,16 +304,40 @@ class GRPOTrainer:
 # ----------------------------------------------------------------------------- main
 
 
-def load_prompts(config, tokenizer):
-    """The RL prompt iterator (grain; its state is saved in checkpoints) for `data.source`."""
+def prompt_batch_config(config, plan=None):
+    """The `pipeline.PromptBatchConfig` of a run; `plan` (an `epochs.StepPlan`) sets the epochs (None: forever)."""
     from xr_jax.data import pipeline
-    from xr_jax.train.sft import make_source, prompt_config
+    from xr_jax.train.sft import prompt_config
 
     g, d = config.grpo, config.data
-    pcfg = pipeline.PromptBatchConfig(
+    return pipeline.PromptBatchConfig(
         batch_size=config.train.batch_size, max_prompt_len=g.max_prompt_len, seed=config.train.seed,
-        shuffle=d.shuffle, prompt=prompt_config(d))
-    return iter(pipeline.rl_pipeline(make_source(config), tokenizer, pcfg))
+        shuffle=d.shuffle, prompt=prompt_config(d), num_epochs=None if plan is None else plan.num_epochs,
+        epoch_batches=None if plan is None else plan.epoch_batches)
+
+
+def plan_steps(config, tokenizer):
+    """Rollout steps (`epochs.StepPlan`): fixed, or `train.epochs` passes over the usable prompts."""
+    from xr_jax.data import pipeline
+    from xr_jax.train import epochs
+    from xr_jax.train.sft import make_source
+
+    cfg = prompt_batch_config(config)
+    settings = {"max_prompt_len": cfg.max_prompt_len, "prompt": dataclasses.asdict(cfg.prompt),
+                "image": dataclasses.asdict(cfg.image)}
+    return epochs.plan_from_data(
+        config, "grpo", lambda: make_source(config), tokenizer, settings,
+        lambda ex: pipeline.encode_prompt(ex, tokenizer, cfg), "prompt_ids",
+        lambda table, n: pipeline.rl_epoch_batches(table, cfg, n, jax.process_count()))
+
+
+def load_prompts(config, tokenizer, plan=None):
+    """The RL prompt iterator (grain; its state is saved in checkpoints) for `data.source`, over the epochs of
+    `plan` (`plan_steps`; None: the prompts repeat without end)."""
+    from xr_jax.data import pipeline
+    from xr_jax.train.sft import make_source
+
+    return iter(pipeline.rl_pipeline(make_source(config), tokenizer, prompt_batch_config(config, plan)))
 
 
 def check_layout(config, mesh: Mesh) -> None:
@@ -338,7 +362,7 @@ def main(config) -> dict:
     """Run (or resume) GRPO from a resolved `xr_jax.config.Config`; returns the last step's metrics."""
     from xr_jax.config import to_dict
     from xr_jax.models.qwen2_5_vl import init_params
-    from xr_jax.train import loop, state as state_lib
+    from xr_jax.train import epochs, loop, state as state_lib
     from xr_jax.data.tokenizer import load_tokenizer
     from xr_jax.train.sft import build_model, export_final
 
@@ -352,8 +376,10 @@ def main(config) -> dict:
     parallel.check_model_fits_mesh(model_cfg, mesh)
     check_layout(config, mesh)
     frozen = ("visual",) if config.train.freeze_vision and model_cfg.vision is not None else ()
-    tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps * config.grpo.minibatches
-                                            * config.grpo.update_passes, None, frozen)
+    plan = plan_steps(config, tokenizer)
+    # The schedule counts optimizer updates: warmup_ratio is a share of every update of every epoch (paper: 10%).
+    updates = plan.scaled(config.grpo.minibatches * config.grpo.update_passes)
+    tx, schedule = state_lib.make_optimizer(config.optim, updates.schedule_steps, updates.epoch_steps, frozen)
     init_fn = lambda key: init_params(model_cfg, key)  # noqa: E731
     boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     shardings = state_lib.state_shardings(tx, boxed, mesh)
@@ -366,7 +392,7 @@ def main(config) -> dict:
     ref = None
     if config.grpo.kl_coef > 0:  # the frozen initial policy: re-derived identically on resume
         ref = jax.tree_util.tree_map(jnp.copy, initial_state().params)
-    batches = load_prompts(config, tokenizer)
+    batches = load_prompts(config, tokenizer, plan)
     config_dict = to_dict(config)
     state, checkpointer = loop.resume_or_start(config, state_lib.abstract_state(init_fn, tx, shardings), batches,
                                                initial_state)
@@ -376,7 +402,7 @@ def main(config) -> dict:
     try:
         with parallel.use_mesh(mesh):
             result = loop.run_loop(
-                state, trainer.step, batches, total_steps=config.total_steps, put_batch=lambda b: b,
+                state, epochs.with_data_metrics(trainer.step, batches, truncation=False), batches, total_steps=plan.total, put_batch=lambda b: b,
                 logger=logger, checkpointer=checkpointer, config_dict=config_dict,
                 nan_patience=config.train.nan_patience, log_every=lg.every, progress=lg.progress,
             )
