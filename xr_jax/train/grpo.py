@@ -128,6 +128,7 @@ class Rollout:
     forced_rows: np.ndarray
     timeouts: int
     errors: int
+    format_scores: Optional[np.ndarray] = None  # the `format` reward before its weight (None: format_weight 0)
 
 
 def build_rows(batch, out, adv: np.ndarray, group: int, mask_forced: bool) -> dict:
@@ -210,23 +211,24 @@ class GRPOTrainer:
         answers = [a for a in batch["answers"] for _ in range(g.group_size)]
         correct, stats = self.pool.score_batch(g.reward, texts, answers, timeout=g.reward_timeout)
         correct = np.asarray(correct, np.float32)
-        rewards = correct.copy()
+        fmt = np.zeros_like(correct)
         if g.format_weight:
-            fmt, _ = self.pool.score_batch("format", texts, answers, timeout=g.reward_timeout)
-            rewards = rewards + g.format_weight * np.asarray(fmt, np.float32)
+            fmt = np.asarray(self.pool.score_batch("format", texts, answers, timeout=g.reward_timeout)[0], np.float32)
+        rewards = correct + g.format_weight * fmt
         adv, zero_var = group_advantages(jnp.asarray(rewards), g.group_size, g.advantage)
         pbatch = prepare_prompts(prompts, self.model_cfg, self.scfg)
         rows = build_rows(pbatch, out, np.asarray(adv), g.group_size, g.mask_forced)
         # Each process sampled and scored its own prompts (whole groups); the update sees the global batch.
         rows["positions"] = np.moveaxis(rows["positions"], 1, 0)  # rows first for the gather
-        g_all = parallel.all_rows({**rows, "rewards": rewards, "correct": correct, "lengths": out.lengths,
+        g_all = parallel.all_rows({**rows, "rewards": rewards, "correct": correct, "format": fmt, "lengths": out.lengths,
                                    "finish": out.finish_reason, "forced": out.forced.any(axis=1)}, self.mesh)
         rows = {k: g_all[k] for k in rows}
         rows["positions"] = np.moveaxis(rows["positions"], 0, 1)
         counts = parallel.each_process(np.array([int(np.asarray(zero_var).sum()), stats.timeouts, stats.errors]))
         return Rollout(rows, g_all["rewards"], g_all["correct"], int(counts[:, 0].sum()), g_all["lengths"],
                        [FINISH_NAMES[int(r)] for r in g_all["finish"]], g_all["forced"],
-                       timeouts=int(counts[:, 1].sum()), errors=int(counts[:, 2].sum()))
+                       timeouts=int(counts[:, 1].sum()), errors=int(counts[:, 2].sum()),
+                       format_scores=g_all["format"] if g.format_weight else None)
 
     # -- one rollout step ---------------------------------------------------------------------------------
 
@@ -268,7 +270,8 @@ class GRPOTrainer:
             "loss": float(last["loss"]), "grad_norm": float(last["grad_norm"]), "lr": float(last["lr"]),
             "skipped": int(max(m["skipped"] for m in step_metrics)),
             "reward_mean": float(ro.rewards.mean()), "reward_std": float(ro.rewards.std()),
-            "accuracy": float(ro.correct.mean()),
+            "accuracy": float(ro.correct.mean()),  # the math reward: reward_mean = accuracy + format_weight x reward_format
+            **({"reward_format": float(ro.format_scores.mean())} if ro.format_scores is not None else {}),
             "zero_var_frac": ro.zero_var_groups / (n // g.group_size),
             "response_len_mean": float(ro.lengths.mean()), "response_len_max": int(ro.lengths.max()),
             "truncated_frac": float(np.mean([f == "length" for f in ro.finish])),
