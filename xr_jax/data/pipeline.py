@@ -1,12 +1,16 @@
 """Grain pipelines: SFT (template, tokenize, truncate, pack), RL prompt batches, evaluation batches.
 
-Every pipeline is `MapDataset.range(rows) -> this host's shard -> seeded shuffle -> repeat(epochs) -> map
-(read + encode; a bad row becomes a `Skipped` marker) -> IterDataset -> skip-and-count -> pack/pad -> batch`.
+Every pipeline is a sequence of epochs (`EpochIterator`), each one pass `MapDataset.range(rows) -> this host's
+shard -> the epoch's seeded shuffle -> map (read + encode; a bad row becomes a `Skipped` marker) -> IterDataset
+-> skip-and-count -> pack/chunk/pad -> batch`; a batch never straddles two epochs, and an epoch can be cut at a
+counted number of batches (`sft_epoch_batches` / `rl_epoch_batches` count them exactly from a `RowTable`, one
+encoded pass, so that every host ends an epoch at the same step).
 SFT and eval shard by host first (every `process_count`-th row; SFT then shuffles per host): a packed SFT batch
 is a sum over rows. RL shuffles globally and gives each host its contiguous slice of every global batch, so
 the prompts and their order do not depend on the host count. All randomness is a function of `seed`.
-The iterator's `get_state()` is a JSON-serialisable dict (it includes the skip counters) and `set_state()`
-restores it, so a resumed run sees exactly the batches it would have seen (checkpoint it with the model).
+The iterator's `get_state()` is a JSON-serialisable dict (the epoch, the batches taken in it, and the pass's
+grain state with the skip and truncation counters) and `set_state()` restores it, so a resumed run sees
+exactly the batches it would have seen (checkpoint it with the model).
 
 SFT batch (`sft_pipeline`), numpy, B = per-host batch (global batch / process_count), L = max_len:
   input_ids   int32 [B, L]  tokens; padding = `<|endoftext|>` (pad id)
@@ -14,7 +18,9 @@ SFT batch (`sft_pipeline`), numpy, B = per-host batch (global batch / process_co
   loss_mask   float32 [B, L] 1.0 where targets[i] is an assistant token (response and its `<|im_end|>`)
   segment_ids int32 [B, L]  0 = padding, 1..k = the k packed examples of the row
   positions   int32 [B, L]  position within the example, restarting at 0 for each segment (0 on padding)
-An example is truncated to max_len + 1 tokens, so input_ids/targets hold at most max_len of them.
+An example longer than max_len + 1 tokens is truncated to them (`overflow="truncate"`, counted, with whether it
+lost its `</think>` / `</answer>`), skipped (`"drop"`), or continued in the next row (`"chunk"`: the examples are
+concatenated and cut into full rows, each piece its own segment).
 Attention must stay inside a segment: `attention_mask(segment_ids)` is the reference mask (causal,
 same segment, not padding). Packing (first-fit, never splitting an example) is for text; rows with images use
 `pack=False` (one example per row, right-padded) and the batch also carries `pixel_values` float32
@@ -661,6 +667,8 @@ def measure_rows(source: Source, encode: Callable[[Example], dict], length_key: 
     lengths, reasons = np.zeros(n, np.int64), np.full(n, "", dtype=object)
     flags = {f: np.zeros(n, bool) for f in TRUNCATION_FLAGS}
     for i in range(n):
+        if i and i % 10000 == 0:
+            log.info("%s: measured %d of %d rows", source.name, i, n)
         item = read(i)
         if isinstance(item, Skipped):
             reasons[i] = item.reason
@@ -668,8 +676,6 @@ def measure_rows(source: Source, encode: Callable[[Example], dict], length_key: 
         lengths[i] = len(item[length_key])
         for f in TRUNCATION_FLAGS:
             flags[f][i] = bool(item.get(f, False))
-        if (i + 1) % 10000 == 0:
-            log.info("%s: measured %d of %d rows", source.name, i + 1, n)
     return RowTable(lengths, reasons.astype(str), flags)
 
 
