@@ -220,8 +220,9 @@ class GRPOTrainer:
         rows = build_rows(pbatch, out, np.asarray(adv), g.group_size, g.mask_forced)
         # Each process sampled and scored its own prompts (whole groups); the update sees the global batch.
         rows["positions"] = np.moveaxis(rows["positions"], 1, 0)  # rows first for the gather
-        g_all = parallel.all_rows({**rows, "rewards": rewards, "correct": correct, "format": fmt, "lengths": out.lengths,
-                                   "finish": out.finish_reason, "forced": out.forced.any(axis=1)}, self.mesh)
+        g_all = parallel.all_rows({**rows, "rewards": rewards, "correct": correct, "format": fmt,
+                                   "lengths": out.lengths, "finish": out.finish_reason,
+                                   "forced": out.forced.any(axis=1)}, self.mesh)
         rows = {k: g_all[k] for k in rows}
         rows["positions"] = np.moveaxis(rows["positions"], 0, 1)
         counts = parallel.each_process(np.array([int(np.asarray(zero_var).sum()), stats.timeouts, stats.errors]))
@@ -405,7 +406,8 @@ def main(config) -> dict:
     try:
         with parallel.use_mesh(mesh):
             result = loop.run_loop(
-                state, epochs.with_data_metrics(trainer.step, batches, truncation=False), batches, total_steps=plan.total, put_batch=lambda b: b,
+                state, epochs.with_data_metrics(trainer.step, batches, truncation=False), batches,
+                total_steps=plan.total, put_batch=lambda b: b,
                 logger=logger, checkpointer=checkpointer, config_dict=config_dict,
                 nan_patience=config.train.nan_patience, log_every=lg.every, progress=lg.progress,
             )
