@@ -191,6 +191,9 @@ class EpochIterator:
         return {"epoch": self.epoch, "batches": self.batches, "pass": self._it.get_state()}
 
     def set_state(self, state: dict) -> None:
+        if "epoch" not in state:
+            raise ValueError("this data position was saved before epochs were passes (xr_jax < issue 18) and cannot "
+                             "be restored exactly; restart the run or resume it with the xr_jax that wrote it")
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
         self._it = iter(self._make(self.epoch, self.stats))
         self._it.set_state(state["pass"])

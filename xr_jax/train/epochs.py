@@ -138,7 +138,8 @@ def report(config, kind: str, table, plan: StepPlan) -> dict:
 
     summary = {"stage": kind, **table.summary(), "epochs": plan.num_epochs, "steps_per_epoch": plan.epoch_batches,
                "total_steps": plan.total}
-    log.warning(
+    log.warning(  # a warning: shown on stderr even where no logging is configured
+
         "%s data: %d of %d rows used (skipped: %s); truncated %d (%.1f%%), lost </think> %d (%.1f%%), lost </answer> "
         "%d (%.1f%%); %s epochs of %s steps = %d steps", kind, summary["used"], summary["rows"],
         summary["skipped"] or "none", summary["truncated"], 100 * summary["truncated_frac"], summary["lost_think"],
