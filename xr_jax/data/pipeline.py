@@ -192,7 +192,7 @@ class EpochIterator:
 
     def set_state(self, state: dict) -> None:
         if "epoch" not in state:
-            raise ValueError("this data position was saved before epochs were passes (xr_jax < issue 18) and cannot "
+            raise ValueError("this data position was saved by an older xr_jax (data repeated without epochs) and cannot "
                              "be restored exactly; restart the run or resume it with the xr_jax that wrote it")
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
         self._it = iter(self._make(self.epoch, self.stats))
