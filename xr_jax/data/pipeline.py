@@ -476,16 +476,16 @@ def _text_rows(items: grain.IterDataset, config: SFTConfig, local_batch: int, pa
 
 
 def _sft_epochs(n_rows: int, read: Callable[[int], Any], config: SFTConfig, pad_id: int, process_index: int,
-                process_count: int, name: str = "sft") -> Callable[[int, RowStats], grain.IterDataset]:
+                process_count: int, batch_fn: Callable = _stack_rows) -> Callable[[int, RowStats], grain.IterDataset]:
     """`make(epoch, stats)`: the batches of one SFT pass of this host (`read`: row index -> encoded example)."""
     local_batch = _local_batch_size(config.batch_size, process_count)
     rows = _indices(n_rows, process_index, process_count, trim=True)
 
     def make(epoch: int, stats: RowStats) -> grain.IterDataset:
         ds = _epoch_order(rows, config.shuffle, config.seed, epoch).map(read)
-        skip = _SkipBadRows(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads)), name, stats)
+        skip = _SkipBadRows(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads)), "sft", stats)
         return _text_rows(skip, config, local_batch, pad_id).batch(
-            local_batch, drop_remainder=config.drop_remainder, batch_fn=_stack_rows)
+            local_batch, drop_remainder=config.drop_remainder, batch_fn=batch_fn)
 
     return make
 
@@ -703,8 +703,8 @@ def sft_epoch_batches(table: RowTable, config: SFTConfig, num_epochs: int, proce
     """Exact SFT batches per epoch: each host's pass is run as training runs it (shuffle, packing or chunking,
     dropped remainder) on rows of the measured lengths, without encoding anything again."""
     read = _table_reader(table, {"input_ids": np.int32, "targets": np.int32, "loss_mask": np.float32})
-    return _count_epochs([_sft_epochs(len(table), read, config, 0, i, process_count) for i in range(process_count)],
-                         num_epochs)
+    return _count_epochs([_sft_epochs(len(table), read, config, 0, i, process_count, batch_fn=len)
+                          for i in range(process_count)], num_epochs)
 
 
 def rl_epoch_batches(table: RowTable, config: PromptBatchConfig, num_epochs: int, process_count: int = 1) -> tuple[int, ...]:
