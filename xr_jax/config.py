@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 from xr_jax.data import images as images_lib
 from xr_jax.data.synthetic import SyntheticConfig
@@ -56,7 +56,9 @@ class DataSection:
     (`templates.PROMPT_TEMPLATES`: the paper's "x_reasoner_train", "plain", ...). system: the system message
     (None: the chat template's default, "You are a helpful assistant."). min_pixels / max_pixels: the
     resolution bounds of image rows (`xr_jax.data.images`; default the checkpoints' preprocessor_config.json,
-    3136 / 12845056; the paper's data is text only)."""
+    3136 / 12845056; the paper's data is text only). overflow (SFT): a sample longer than `train.seq_len` is cut ("truncate", the paper's), skipped ("drop") or continued in the next row ("chunk",
+    llama-recipes' concatenate-and-chunk); the counts are logged and in `<logging.dir>/data_summary.json`.
+    cache_dir: where the counted first pass of `train.epochs` is cached (None: `<logging.dir>/data_cache`)."""
 
     source: str = "random"
     path: Optional[str] = None
@@ -65,10 +67,12 @@ class DataSection:
     system: Optional[str] = None
     split: str = "train"
     pack: bool = True
+    overflow: Literal["truncate", "drop", "chunk"] = "truncate"
     shuffle: bool = True
     tokenizer: Optional[str] = None
     min_pixels: int = images_lib.DEFAULT_MIN_PIXELS
     max_pixels: int = images_lib.DEFAULT_MAX_PIXELS
+    cache_dir: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +100,10 @@ class OptimSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
-    """steps: total optimizer steps (or `epochs` x `steps_per_epoch`). batch_size: GLOBAL rows per step,
+    """epochs: passes over the data (SFT rows, GRPO prompts); the steps per epoch are counted from the data
+    (`xr_jax.train.epochs`) and set the LR decay points and warmup. steps_per_epoch: a fixed count instead (the
+    data then repeats without end). steps: the total, overriding epochs x steps per epoch (the run stops there;
+    without epochs the data repeats and the schedule has one epoch). batch_size: GLOBAL rows per step,
     split into `microbatches` inside the jitted step. seq_len: tokens per row. freeze_vision: the paper
     trains on text only; the vision tower then gets no gradient and no optimizer state. loss_chunk:
     tokens per chunk of the chunked cross-entropy. nan_patience: stop (with a checkpoint) after this many
@@ -270,14 +277,20 @@ class Config:
                 f"train.batch_size {self.train.batch_size} is not divisible by train.microbatches "
                 f"{self.train.microbatches}; choose a batch size that is a multiple of the microbatch count"
             )
-        if training and self.train.steps is None and (self.train.epochs is None or self.train.steps_per_epoch is None):
-            raise ConfigError("set train.steps, or both train.epochs and train.steps_per_epoch")
+        for key in ("epochs", "steps", "steps_per_epoch"):
+            if getattr(self.train, key) is not None and getattr(self.train, key) < 1:
+                raise ConfigError(f"config key 'train.{key}' must be >= 1, got {getattr(self.train, key)}")
+        if training and self.train.steps is None and self.train.epochs is None:
+            raise ConfigError("set train.epochs (passes over the data) or train.steps")
         return self
 
     @property
-    def total_steps(self) -> int:
+    def total_steps(self) -> Optional[int]:
+        """`train.steps`, else epochs x steps_per_epoch; None when the steps per epoch are counted from the data."""
         if self.train.steps is not None:
             return self.train.steps
+        if self.train.epochs is None or self.train.steps_per_epoch is None:
+            return None
         return self.train.epochs * self.train.steps_per_epoch
 
 
@@ -318,6 +331,11 @@ def _coerce(tp, value, key: str):
             raise ConfigError(f"config key '{key}' has value {value!r}; expected a mapping")
         return dict(value)
     if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(map(str, allowed))}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
