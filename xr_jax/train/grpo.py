@@ -31,7 +31,7 @@ from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
 from xr_jax.rewards.choice import reward_ground_truth
 from xr_jax.sampling import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig, cast_params, prepare_prompts
-from xr_jax.train.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
+from xr_jax.train.grpo_loss import AGGREGATIONS, GRPOLossConfig, group_advantages, grpo_loss
 from xr_jax.train.losses import target_logprobs_and_lse
 from xr_jax.train.sft import _schedule_count, compute_grads
 from xr_jax.train.state import TrainState, apply_update
@@ -76,6 +76,7 @@ def make_update_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, s
     modes use its number of rows with loss tokens. Metrics are token-weighted means over the minibatch.
     """
     want_entropy = True  # entropy is always logged (one more vocab reduction per chunk)
+    per_token = AGGREGATIONS.get(lcfg.agg).counts == "tokens"
 
     def loss_fn(params, rows, count):
         params = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
@@ -84,7 +85,7 @@ def make_update_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, s
         loss, m = grpo_loss(
             logp, rows["old_logp"], rows["adv"], mask, lcfg,
             ref_logp=rows["ref_logp"] if lcfg.kl_coef > 0 else None, entropy=entropy,
-            **({"global_tokens": count} if lcfg.agg == "token-mean" else {"global_seqs": rows["num_seqs"][0]}),
+            **({"global_tokens": count} if per_token else {"global_seqs": rows["num_seqs"][0]}),
         )
         n = jnp.sum(mask)
         weighted = {k: v * n for k, v in m.items() if k not in ("ratio_min", "ratio_max", "num_loss_tokens")}
