@@ -27,8 +27,14 @@ def _log(path):
 
 
 def test_second_pass_moves_the_ratio_and_clipping_engages(tmp_path):
-    m = grpo.main(_grpo_cfg(tmp_path, "optim.lr=3e-2", "grpo.update_passes=3", "grpo.minibatches=2"))
+    """Also: the reward is the weighted sum of `grpo.rewards`, each logged unweighted as reward_<name>."""
+    m = grpo.main(_grpo_cfg(tmp_path, "optim.lr=3e-2", "grpo.update_passes=3", "grpo.minibatches=2",
+                            "grpo.rewards=[{name: test_even_length}, {name: test_odd_length, weight: 0.5}]"))
     first, second = _log(tmp_path)
+    for r in (first, second):
+        even, odd = r["reward_test_even_length"], r["reward_test_odd_length"]
+        assert 0 < even < 1 and odd == pytest.approx(1 - even) and r["accuracy"] == even
+        assert r["reward_mean"] == pytest.approx(even + 0.5 * odd, rel=1e-6)
     assert abs(first["ratio_mean_first"] - 1.0) < 1e-5  # the first minibatch is on-policy
     assert "sampler_logp_gap" in first and "sampler_logp_gap" not in second  # grpo.gap_every=10: step 1, 11, ...
     assert abs(m["ratio_mean_last"] - 1.0) > 1e-3

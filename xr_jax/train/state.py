@@ -52,7 +52,7 @@ def make_schedule(optim: OptimSection, total_steps: int, steps_per_epoch: Option
     elif optim.schedule == "constant":
         main = optax.constant_schedule(optim.lr)
     else:
-        raise ValueError(f"optim.schedule {optim.schedule!r} is not one of step_decay/cosine/linear/constant")
+        raise ValueError(f"optim.schedule {optim.schedule!r} is not a schedule (`OptimSection.schedule` lists them)")
     if not warmup:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), main], [warmup])
