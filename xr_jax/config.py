@@ -229,8 +229,9 @@ class GRPOSection:
     microbatches: int = 1
     old_logprobs: Literal["sampler", "recompute"] = "sampler"
     gap_every: int = 10
-    sampler_dtype: Optional[str] = None
+    sampler_dtype: Optional[DType] = None
 
+    # Keys of earlier versions: `from_dict` rejects them, naming what replaced them (one way to say it).
     REPLACED: ClassVar[dict[str, str]] = {
         "reward": "grpo.rewards: [{name: <reward>, weight: 1.0}]",
         "format_weight": "grpo.rewards: [{name: <reward>, weight: 1.0}, {name: format, weight: <format_weight>}]",
@@ -310,8 +311,9 @@ def _coerce(tp, value, key: str):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(map(str, typing.get_args(tp)))}")
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(map(str, allowed))}")
         return value
     if origin is Annotated:
         base, *extras = typing.get_args(tp)
@@ -361,7 +363,8 @@ def _coerce(tp, value, key: str):
 
 
 def from_dict(cls, data: Optional[dict], prefix: str = ""):
-    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise `ConfigError`."""
+    """Build dataclass `cls` from a nested dict; unknown keys, keys in `cls.REPLACED`, missing required keys and
+    wrong types raise `ConfigError`."""
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix or '<root>'}' must be a mapping, got {data!r}")
