@@ -36,15 +36,10 @@ class Registry(Generic[F]):
     def get(self, name: str, key: str | None = None) -> F:
         """The function registered under `name`; an unknown name raises ValueError naming `key` (the setting
         that holds the name) and the registered names."""
-        try:
-            return self._fns[name]
-        except (KeyError, TypeError):
-            raise ValueError(self.unknown(name, key)) from None
-
-    def unknown(self, name, key: str | None = None) -> str:
-        """The error message for a name that is not registered."""
-        where = f"{key} is {name!r}" if key else f"unknown {self.kind} {name!r}"
-        return f"{where}; registered {self.kind}s: {', '.join(self.names())}"
+        if name not in self:
+            where = f"{key} is {name!r}" if key else f"unknown {self.kind} {name!r}"
+            raise ValueError(f"{where}; registered {self.kind}s: {', '.join(self.names())}")
+        return self._fns[name]
 
     def names(self) -> list[str]:
         """Registered names, sorted."""
