@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from xr_jax import config as config_lib
-from xr_jax.config import OptimSection
 from xr_jax.data import pipeline as P
 from xr_jax.data import sources
 from xr_jax.data.tokenizer import load_tokenizer

@@ -17,7 +17,7 @@ TASK = ["data.tokenizer=tiny", "data.source=synthetic", "data.synthetic.max_step
 def _grpo_cfg(tmp, *extra):
     return config_lib.load(None, TASK + [
         "model.preset=tiny", "train.batch_size=8", "train.steps=2", "grpo.group_size=4", "grpo.max_prompt_len=320",
-        "grpo.max_new_tokens=16", "grpo.reward=test_even_length", "grpo.kl_coef=0.0", f"logging.dir={tmp}",
+        "grpo.max_new_tokens=16", "grpo.rewards=[{name: test_even_length}]", "grpo.kl_coef=0.0", f"logging.dir={tmp}",
         "optim.schedule=constant", *extra])
 
 
@@ -27,8 +27,14 @@ def _log(path):
 
 
 def test_second_pass_moves_the_ratio_and_clipping_engages(tmp_path):
-    m = grpo.main(_grpo_cfg(tmp_path, "optim.lr=3e-2", "grpo.update_passes=3", "grpo.minibatches=2"))
+    """Also: the reward is the weighted sum of `grpo.rewards`, each logged unweighted as reward_<name>."""
+    m = grpo.main(_grpo_cfg(tmp_path, "optim.lr=3e-2", "grpo.update_passes=3", "grpo.minibatches=2",
+                            "grpo.rewards=[{name: test_even_length}, {name: test_odd_length, weight: 0.5}]"))
     first, second = _log(tmp_path)
+    for r in (first, second):
+        even, odd = r["reward_test_even_length"], r["reward_test_odd_length"]
+        assert 0 < even < 1 and odd == pytest.approx(1 - even) and r["accuracy"] == even
+        assert r["reward_mean"] == pytest.approx(even + 0.5 * odd, rel=1e-6)
     assert abs(first["ratio_mean_first"] - 1.0) < 1e-5  # the first minibatch is on-policy
     assert "sampler_logp_gap" in first and "sampler_logp_gap" not in second  # grpo.gap_every=10: step 1, 11, ...
     assert abs(m["ratio_mean_last"] - 1.0) > 1e-3
@@ -80,8 +86,8 @@ def test_med_grpo_config_runs_one_step_on_medqa(tmp_path):
         "data.tokenizer=tiny", f"data.path={root}/tests/fixtures/data/medqa", "train.steps=1", "train.batch_size=8",
         "grpo.group_size=2", "grpo.max_new_tokens=8", "grpo.microbatches=1", "grpo.max_prompt_len=640",
         f"logging.dir={tmp_path}", "logging.progress=false"])
-    assert (cfg.data.source, cfg.grpo.reward, cfg.grpo.old_logprobs, cfg.grpo.dual_clip) == (
-        "medqa", "multiple_choice", "recompute", 3.0)
+    assert (cfg.data.source, config_lib.to_dict(cfg.grpo.rewards), cfg.grpo.old_logprobs, cfg.grpo.dual_clip) == (
+        "medqa", [{"name": "multiple_choice", "weight": 1.0}], "recompute", 3.0)
     m = grpo.main(cfg)
     assert m["response_tokens"] > 0 and 0.0 <= m["reward_mean"] <= 1.0
     assert m["ratio_mean_first"] == 1.0 and m["reward_errors"] == 0 and m["kl"] == pytest.approx(0.0, abs=1e-6)

@@ -140,13 +140,26 @@ def test_group_advantages_use_sample_std():
     assert float(adv[0]) == pytest.approx(2.4749, abs=1e-4)
 
 
+def test_rloo_advantages_by_hand():
+    """Leave-one-out baseline (Ahmadian et al. 2024): each sample minus the mean of the OTHER G - 1 rewards.
+    Group [1, 0, 0, 1]: sample 0's others average (0 + 0 + 1) / 3 = 1/3, so A_0 = 2/3; sample 1's others
+    (1 + 0 + 1) / 3 = 2/3, so A_1 = -2/3. Group [0, .5, 1, 0]: others average .5, 1/3, 1/6, .5, so the
+    advantages are -1/2, 1/6, 5/6, -1/2. The all-equal groups get 0."""
+    adv, zero = group_advantages(REWARDS, G, "rloo")
+    want = [2 / 3, -2 / 3, -2 / 3, 2 / 3, 0, 0, 0, 0, -1 / 2, 1 / 6, 5 / 6, -1 / 2, 0, 0, 0, 0]
+    np.testing.assert_allclose(np.asarray(adv), want, rtol=1e-6, atol=1e-7)
+    assert list(np.asarray(zero)) == [False, True, False, True]
+    pair, _ = group_advantages(np.array([1.0, 0.0, 0.25, 0.75]), 2, "rloo")  # G = 2: the other sample is the baseline
+    np.testing.assert_allclose(np.asarray(pair), [1.0, -1.0, -0.5, 0.5], rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(rewards=np.zeros(8), group_size=3), "multiple of group_size"),
         (dict(rewards=np.zeros(8), group_size=1), "group_size"),
         (dict(rewards=np.zeros((2, 4)), group_size=4), "1-D"),
-        (dict(rewards=np.zeros(8), group_size=4, mode="rloo"), "mode"),
+        (dict(rewards=np.zeros(8), group_size=4, mode="ppo"), "mode"),
     ],
 )
 def test_group_advantages_bad_input(kwargs, match):

@@ -39,7 +39,7 @@ CASES = [
     # updates as one process. The test reward gives non-zero advantages from a random policy.
     Case("grpo", ("grpo", "--config", "configs/tiny_grpo.yaml"),
          ("mesh.shape=[1,4,1]", "train.steps=4", "checkpoint.every=2", "logging.progress=false",
-          "grpo.reward_modules=[tests.grpo_rewards]", "grpo.reward=test_even_length"), 4, 2,
+          "grpo.reward_modules=[tests.grpo_rewards]", "grpo.rewards=[{name: test_even_length}]"), 4, 2,
          ("reward_mean", "response_tokens", "grad_norm", "entropy", "input_tokens"), "entropy"),
 ]
 

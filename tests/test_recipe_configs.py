@@ -116,7 +116,7 @@ def test_recipe_doc_values_match_the_configs():
         if isinstance(actual, float):
             assert float(want) == actual, (file, key, want, actual)
         else:
-            assert (list(actual) if isinstance(actual, tuple) else actual) == want, (file, key, want, actual)
+            assert config_lib.to_dict(actual) == want, (file, key, want, actual)  # tuples as lists, sections as dicts
 
 
 def test_recipe_doc_covers_every_recipe_key_of_the_configs():

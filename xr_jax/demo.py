@@ -115,8 +115,8 @@ def main(out_dir: str = "runs/demo", quick: bool = False) -> dict:
                            "train.seq_len=540", "optim.lr=2e-3", f"train.steps={size.sft_steps}"]),
         ("grpo", grpo.main, [f"model.path={out_dir}/sft/model", *REASONING, "data.synthetic.seed=1",
                              "train.batch_size=16", "grpo.group_size=8", "grpo.max_prompt_len=128",
-                             "grpo.max_new_tokens=96", "grpo.format_weight=0.5", "optim.lr=1e-4",
-                             f"train.steps={size.grpo_steps}"]),
+                             "grpo.max_new_tokens=96", "grpo.rewards=[{name: math, weight: 1.0}, {name: format, weight: 0.5}]",
+                             "optim.lr=1e-4", f"train.steps={size.grpo_steps}"]),
     ]
     for name, run, overrides in stages:
         print(f"\n== stage {name}", flush=True)

@@ -3,7 +3,8 @@
 One rollout step, for a batch of prompts:
   1. the sampler draws `group_size` responses per prompt (prompt prefilled once per group), returning the
      tokens, their log-probs at the sampling temperature and the forced-exit mask;
-  2. the reward functions score the decoded responses in a killable worker pool (timeouts score 0);
+  2. the reward functions (`grpo.rewards`, a weighted sum) score the decoded responses in a killable worker
+     pool (timeouts score 0);
   3. advantages are normalised within each group;
   4. reference log-probs come from the frozen initial policy when `kl_coef` > 0;
   5. `minibatches` x `update_passes` optimizer steps run the jitted update on prompt + response rows,
@@ -31,11 +32,13 @@ from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
 from xr_jax.rewards.choice import reward_ground_truth
 from xr_jax.sampling import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig, cast_params, prepare_prompts
-from xr_jax.train.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
+from xr_jax.train.grpo_loss import AGGREGATIONS, GRPOLossConfig, group_advantages, grpo_loss
 from xr_jax.train.losses import target_logprobs_and_lse
 from xr_jax.train.sft import _schedule_count, compute_grads
 from xr_jax.train.state import TrainState, apply_update
 
+# Metric names a reward's `reward_<name>` must not take.
+REWARD_METRICS = ("reward_mean", "reward_std", "reward_timeouts", "reward_errors")
 UPDATE_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask", "old_logp", "ref_logp", "adv")
 
 
@@ -76,6 +79,7 @@ def make_update_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, s
     modes use its number of rows with loss tokens. Metrics are token-weighted means over the minibatch.
     """
     want_entropy = True  # entropy is always logged (one more vocab reduction per chunk)
+    per_token = AGGREGATIONS.get(lcfg.agg).counts == "tokens"
 
     def loss_fn(params, rows, count):
         params = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
@@ -84,7 +88,7 @@ def make_update_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, s
         loss, m = grpo_loss(
             logp, rows["old_logp"], rows["adv"], mask, lcfg,
             ref_logp=rows["ref_logp"] if lcfg.kl_coef > 0 else None, entropy=entropy,
-            **({"global_tokens": count} if lcfg.agg == "token-mean" else {"global_seqs": rows["num_seqs"][0]}),
+            **({"global_tokens": count} if per_token else {"global_seqs": rows["num_seqs"][0]}),
         )
         n = jnp.sum(mask)
         weighted = {k: v * n for k, v in m.items() if k not in ("ratio_min", "ratio_max", "num_loss_tokens")}
@@ -122,14 +126,13 @@ class Rollout:
 
     rows: dict
     rewards: np.ndarray
-    correct: np.ndarray
+    components: dict[str, np.ndarray]  # "reward_<name>": that reward's unweighted scores, in `grpo.rewards` order
     zero_var_groups: int
     lengths: np.ndarray
     finish: list[str]
     forced_rows: np.ndarray
     timeouts: int
     errors: int
-    format_scores: Optional[np.ndarray] = None  # the `format` reward before its weight (None: format_weight 0)
 
 
 def build_rows(batch, out, adv: np.ndarray, group: int, mask_forced: bool) -> dict:
@@ -164,9 +167,10 @@ class GRPOTrainer:
                 importlib.import_module(module)
             except ImportError as e:
                 raise ValueError(f"grpo.reward_modules: cannot import {module!r} ({e})") from None
-        get_reward(g.reward)  # fail at start on an unknown reward name
-        if g.format_weight:
-            get_reward("format")
+        for i, term in enumerate(g.rewards):  # fail at start on an unknown reward name
+            get_reward(term.name, f"grpo.rewards[{i}].name")
+            if f"reward_{term.name}" in REWARD_METRICS:
+                raise ValueError(f"grpo.rewards[{i}].name {term.name!r} would log as {REWARD_METRICS}; rename it")
         if g.kl_coef > 0 and ref_params is None:
             raise ValueError("grpo.kl_coef > 0 needs reference params")
         self.ref_params = ref_params
@@ -209,29 +213,28 @@ class GRPOTrainer:
         sample_params = cast_params(params, g.sampler_dtype) if g.sampler_dtype else params
         out = self.sampler.generate(sample_params, prompts, rng=key, group_size=g.group_size)
         texts = [self.decode(out.row_ids(i)) for i in range(len(out.lengths))]
-        truths = [reward_ground_truth(g.reward, a, c) for a, c in zip(batch["answers"], batch["choices"])]
-        answers = [a for a in truths for _ in range(g.group_size)]
-        correct, stats = self.pool.score_batch(g.reward, texts, answers, timeout=g.reward_timeout)
-        correct = np.asarray(correct, np.float32)
-        fmt = np.zeros_like(correct)
-        if g.format_weight:
-            fmt = np.asarray(self.pool.score_batch("format", texts, answers, timeout=g.reward_timeout)[0], np.float32)
-        rewards = correct + g.format_weight * fmt
+        rewards = np.zeros(len(texts), np.float32)
+        components, timeouts, errors = {}, 0, 0
+        for term in g.rewards:
+            truths = [reward_ground_truth(term.name, a, c) for a, c in zip(batch["answers"], batch["choices"])]
+            answers = [a for a in truths for _ in range(g.group_size)]
+            scores, stats = self.pool.score_batch(term.name, texts, answers, timeout=g.reward_timeout)
+            components[f"reward_{term.name}"] = np.asarray(scores, np.float32)
+            rewards = rewards + term.weight * components[f"reward_{term.name}"]
+            timeouts, errors = timeouts + stats.timeouts, errors + stats.errors
         adv, zero_var = group_advantages(jnp.asarray(rewards), g.group_size, g.advantage)
         pbatch = prepare_prompts(prompts, self.model_cfg, self.scfg)
         rows = build_rows(pbatch, out, np.asarray(adv), g.group_size, g.mask_forced)
         # Each process sampled and scored its own prompts (whole groups); the update sees the global batch.
         rows["positions"] = np.moveaxis(rows["positions"], 1, 0)  # rows first for the gather
-        g_all = parallel.all_rows({**rows, "rewards": rewards, "correct": correct, "format": fmt,
-                                   "lengths": out.lengths, "finish": out.finish_reason,
-                                   "forced": out.forced.any(axis=1)}, self.mesh)
+        g_all = parallel.all_rows({**rows, **components, "rewards": rewards, "lengths": out.lengths,
+                                   "finish": out.finish_reason, "forced": out.forced.any(axis=1)}, self.mesh)
         rows = {k: g_all[k] for k in rows}
         rows["positions"] = np.moveaxis(rows["positions"], 0, 1)
-        counts = parallel.each_process(np.array([int(np.asarray(zero_var).sum()), stats.timeouts, stats.errors]))
-        return Rollout(rows, g_all["rewards"], g_all["correct"], int(counts[:, 0].sum()), g_all["lengths"],
-                       [FINISH_NAMES[int(r)] for r in g_all["finish"]], g_all["forced"],
-                       timeouts=int(counts[:, 1].sum()), errors=int(counts[:, 2].sum()),
-                       format_scores=g_all["format"] if g.format_weight else None)
+        counts = parallel.each_process(np.array([int(np.asarray(zero_var).sum()), timeouts, errors]))
+        return Rollout(rows, g_all["rewards"], {k: g_all[k] for k in components}, int(counts[:, 0].sum()),
+                       g_all["lengths"], [FINISH_NAMES[int(r)] for r in g_all["finish"]], g_all["forced"],
+                       timeouts=int(counts[:, 1].sum()), errors=int(counts[:, 2].sum()))
 
     # -- one rollout step ---------------------------------------------------------------------------------
 
@@ -276,8 +279,8 @@ class GRPOTrainer:
             "loss": float(last["loss"]), "grad_norm": float(last["grad_norm"]), "lr": float(last["lr"]),
             "skipped": int(max(m["skipped"] for m in step_metrics)),
             "reward_mean": float(ro.rewards.mean()), "reward_std": float(ro.rewards.std()),
-            "accuracy": float(ro.correct.mean()),  # the math reward: reward_mean = accuracy + format_weight x reward_format
-            **({"reward_format": float(ro.format_scores.mean())} if ro.format_scores is not None else {}),
+            "accuracy": float(next(iter(ro.components.values())).mean()),  # the first reward is the task's
+            **{name: float(scores.mean()) for name, scores in ro.components.items()},
             "zero_var_frac": ro.zero_var_groups / (n // g.group_size),
             "response_len_mean": float(ro.lengths.mean()), "response_len_max": int(ro.lengths.max()),
             "truncated_frac": float(np.mean([f == "length" for f in ro.finish])),

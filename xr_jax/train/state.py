@@ -8,7 +8,7 @@ so mixed precision needs nothing here. The optimizer state mirrors the params, a
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import flax
 import flax.linen as nn
@@ -61,7 +61,7 @@ def make_schedule(optim: OptimSection, total_steps: int, epoch_steps: EpochSteps
     elif optim.schedule == "constant":
         main = optax.constant_schedule(optim.lr)
     else:
-        raise ValueError(f"optim.schedule {optim.schedule!r} is not one of step_decay/cosine/linear/constant")
+        raise ValueError(f"optim.schedule {optim.schedule!r} is not a schedule (`OptimSection.schedule` lists them)")
     if not warmup:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), main], [warmup])
