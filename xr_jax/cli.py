@@ -133,6 +133,10 @@ def _sample(args: argparse.Namespace) -> None:
         raise cs.ChatError("--top-p has no effect with --greedy")
     if args.num_samples < 1 or args.batch_size < 1:
         raise cs.ChatError(f"--num-samples ({args.num_samples}) and --batch-size ({args.batch_size}) must be >= 1")
+    if args.output:
+        from xr_jax.errors import check_writable_file
+
+        check_writable_file(args.output, "--output")
     chats = cs.read_chats(args.messages) if args.messages else [cs.prompt_chat(args.prompt, args.image)]
     tokenizer = cs.load_tokenizer_for(args.model, args.tokenizer)
     sampler, params = _build_sampler(args, tokenizer)
@@ -313,18 +317,11 @@ COMMANDS["plan"] = ("per-device memory and FLOPs of a run on N devices, from a s
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean a user mistake (bad path, config, checkpoint, mesh): one line, exit 2."""
-    from xr_jax.chat_sampling import ChatError
-    from xr_jax.config import ConfigError
+    """Exceptions that mean a user mistake: one line, exit 2. xr_jax's own derive from `UserError`; the
+    built-in ones are a path that does not exist or may not be read or written."""
     from xr_jax.errors import UserError
-    from xr_jax.data.images import ImageError
-    from xr_jax.models.hf import CheckpointError
-    from xr_jax.parallel import MeshError
-    from xr_jax.plan import PlanError
-    from xr_jax.plot import MetricsError
 
-    return (UserError, CheckpointError, ConfigError, MeshError, FileNotFoundError, ChatError, ImageError,
-            MetricsError, PlanError)
+    return (UserError, FileNotFoundError, PermissionError)
 
 
 def main(argv=None) -> int:
@@ -336,11 +333,16 @@ def main(argv=None) -> int:
     from xr_jax.host_memory import reuse_freed_memory
 
     reuse_freed_memory()  # before anything starts JAX's backend (a no-op off the CPU)
+    from xr_jax.errors import EXIT_USER_ERROR, RunStopped
+
     try:
         COMMANDS[args.command][2](args)
+    except RunStopped as e:  # a training run that ended early: its checkpoint is saved, no export written
+        print(f"xr-jax {args.command}: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except user_errors() as e:
         print(f"xr-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     return 0
 
 

@@ -44,6 +44,7 @@ import numpy as np
 from xr_jax.data import images as images_lib
 from xr_jax.data import templates
 from xr_jax.data.sources import BadRow, Example, Source
+from xr_jax.errors import UserError
 
 log = logging.getLogger("xr_jax.data")
 MAX_LOGGED_IDS = 5
@@ -92,7 +93,7 @@ class RowStats:
         return f"{self.examples} examples used, {self.truncated} truncated, skipped: {skipped or 'none'}"
 
 
-class UnusableData(ValueError):
+class UnusableData(UserError, ValueError):
     """Every row of a whole pass was skipped: repeating the data would loop forever."""
 
 
