@@ -244,8 +244,6 @@ def _eval(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"predictions file {config.eval.rescore!r} does not exist")
     elif not config.model.path:
         raise config_lib.ConfigError("set model.path=CHECKPOINT_DIR (or give --rescore PRED.jsonl)")
-    else:
-        print(f"loading {config.model.path}", file=sys.stderr)
     evaluation.main(config)
 
 

@@ -57,7 +57,12 @@ def check_writable_dir(path: str, what: str) -> str:
 
 def check_writable_file(path: str, what: str) -> str:
     """`check_writable_dir` for the folder a file will be written to (the file itself is not created)."""
-    check_writable_dir(os.path.dirname(os.path.abspath(path)) or ".", what)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        check_writable_dir(folder, what)
+    except OutputNotWritable as e:
+        raise OutputNotWritable(f"{what} {path!r} cannot be written: {e}".replace(f"{what} {folder!r}",
+                                                                                 f"its folder {folder!r}")) from None
     if os.path.isdir(path):
         raise OutputNotWritable(f"{what} {path!r} is a directory, not a file")
     if os.path.exists(path) and not os.access(path, os.W_OK):

@@ -648,6 +648,7 @@ def main(config: Any) -> dict[str, BenchmarkMetrics]:
         else:
             from xr_jax.eval_model import ModelGenerator
 
+            print(f"loading {model}", file=sys.stderr)
             generator = ModelGenerator.from_config(config)
             metrics = evaluate(cfg, generator, scorer, info={"model": model})
     finally:
