@@ -38,7 +38,16 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 COMMANDS["convert"] = ("HF checkpoint <-> xr_jax checkpoint (both directions, bit-exact)", _convert_args, _convert)
 
 
+TRAIN_EPILOG = """\
+Rerunning the same command resumes from the newest checkpoint of checkpoint.dir. Exit codes: 0 done
+(train.export_dir written, "done: N steps, exported to DIR" on stdout); 2 a user error (one line);
+75 stopped by SIGTERM/SIGINT with the checkpoint saved and no export (rerun to resume); 1 stopped early
+for good (non-finite steps, data ran out) or an unexpected error.
+"""
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
+    p.epilog = TRAIN_EPILOG
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=2e-5 mesh.shape=[2,2,2]")
 
@@ -203,7 +212,10 @@ Runs the benchmarks of the config's `eval` section (xr_jax.evaluation.EvalSectio
 `mesh.shape` mesh, with the paper's protocol: its prompt templates, greedy decoding (or eval.protocol=sampling
 for avg/maj/pass@k), responses capped at eval.max_tokens with forced exit. A progress bar per benchmark;
 at the end the table is printed and eval.output_dir gets predictions.jsonl (every response with what
-scoring needs), results.json and results.md.
+scoring needs), results.json and results.md. eval.output_dir is checked writable before the model is
+loaded; responses are appended to predictions.jsonl batch by batch, and rerunning the same command into
+the same eval.output_dir resumes (only the missing batches are generated; changed generation settings,
+kept in generation.json, are refused).
 
 --rescore PRED.jsonl scores a saved predictions file again (no model is loaded) and writes the new
 outputs to eval.output_dir.
