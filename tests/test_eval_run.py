@@ -4,6 +4,7 @@ The model here is a scripted generator (injected responses), scored by the real 
 test_eval_model.py for the tiny real model behind the real sampler.
 """
 
+import dataclasses
 import json
 import os
 
@@ -182,3 +183,10 @@ def test_interrupted_eval_resumes_without_regenerating(tmp_path, scorer):
     with pytest.raises(ev.ResumeMismatch, match="max_tokens 4096 -> 2048"):
         ev.evaluate(suite(tmp_path / "resumed", max_tokens=2048, **kw), again, scorer, progress=False)
     assert open(path).read() == before
+
+    # An empty predictions file (a run that failed before its first batch) holds nothing to protect.
+    fresh = suite(tmp_path / "fresh", **kw)
+    os.makedirs(fresh.output_dir)
+    open(os.path.join(fresh.output_dir, "predictions.jsonl"), "w").close()
+    assert ev.evaluate(dataclasses.replace(fresh, max_tokens=2048), ScriptedGenerator(respond=seeded), scorer,
+                       progress=False)["gsm8k"].n == 3

@@ -521,7 +521,8 @@ def generation_settings(cfg: EvalSection, model: Optional[str]) -> dict:
 def check_resumable(out_dir: str, settings: dict) -> bool:
     """Whether `out_dir` holds predictions to resume (False: none); raises `ResumeMismatch` when they were
     generated with other settings. Called at start, before the model is loaded."""
-    if not os.path.exists(os.path.join(out_dir, PREDICTIONS_FILE)):
+    predictions = os.path.join(out_dir, PREDICTIONS_FILE)
+    if not os.path.exists(predictions) or os.path.getsize(predictions) == 0:  # empty: a run that failed at start
         return False
     path = os.path.join(out_dir, SETTINGS_FILE)
     saved = None
