@@ -17,12 +17,10 @@ from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
-from xr_jax.errors import UserError
-
 log = logging.getLogger("xr_jax.checkpoint")
 
 
-class CheckpointError(UserError, RuntimeError):
+class CheckpointError(RuntimeError):
     pass
 
 
