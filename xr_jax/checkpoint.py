@@ -17,10 +17,12 @@ from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
+from xr_jax.errors import UserError
+
 log = logging.getLogger("xr_jax.checkpoint")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     pass
 
 
