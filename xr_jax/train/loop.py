@@ -193,10 +193,12 @@ class Preemption:
 
 @dataclasses.dataclass
 class LoopResult:
-    """A completed run: the final state and the last step's metrics (None when nothing was left to do)."""
+    """A completed run: the final state, the last step's metrics (None when nothing was left to do) and
+    the run's length in steps."""
 
     state: Any
     last: Optional[dict]
+    steps: int
 
 
 def run_loop(
@@ -272,7 +274,7 @@ def run_loop(
         bar.close()
     if reason != "done":
         raise _stopped(reason, int(jax.device_get(state.step)), total_steps, preempt.signal, checkpointer is not None)
-    return LoopResult(state=state, last=last)
+    return LoopResult(state=state, last=last, steps=total_steps)
 
 
 def _stopped(reason: str, step: int, total_steps: int, signum: Optional[int], saved: bool) -> RunStopped:

@@ -363,5 +363,5 @@ def main(config) -> dict:
         logger.close()
         if checkpointer is not None:
             checkpointer.close()
-    loop.report_done(config.total_steps, export_final(config, model_cfg, result.state.params))
+    loop.report_done(result.steps, export_final(config, model_cfg, result.state.params))
     return result.last or {}
