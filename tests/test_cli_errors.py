@@ -49,7 +49,7 @@ def _blocked(t):
 # (case, argv(tmp, model) -> list, what the one line must say)
 CASES = [
     ("unusable_data", lambda t, m: _sft(t, "data.source=gsm8k", f"data.path={GSM8K}", "data.tokenizer=tiny"),
-     "rows of a whole pass were skipped"),
+     "skipped: prompt_too_long="),
     ("schema_empty_jsonl", lambda t, m: _sft(t, "data.source=gsm8k", f"data.path={_write(f'{t}/e.jsonl', '')}",
                                              "data.tokenizer=tiny"), "found no JSON objects"),
     ("schema_wrong_format", lambda t, m: _sft(t, "data.source=gsm8k", "data.tokenizer=tiny",
