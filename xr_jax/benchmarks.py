@@ -40,12 +40,14 @@ import random
 import re
 from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence
 
+from xr_jax.errors import UserError
+
 Kind = Literal["multiple_choice", "math"]
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DATA_EXTENSIONS = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".tsv")
 
 
-class BenchmarkFormatError(ValueError):
+class BenchmarkFormatError(UserError, ValueError):
     """A row (or a whole source) that does not fit its benchmark's public format."""
 
 
@@ -83,9 +85,11 @@ class ReadContext:
     benchmark: str
     index: int
     image_root: Optional[str] = None
+    where: Optional[str] = None  # the row's file and line (JSON lines) or row number, for messages
 
     def error(self, message: str) -> BenchmarkFormatError:
-        return BenchmarkFormatError(f"{self.benchmark} row {self.index}: {message}")
+        at = f" ({self.where})" if self.where else ""
+        return BenchmarkFormatError(f"{self.benchmark} row {self.index}{at}: {message}")
 
 
 RowReader = Callable[[Mapping[str, Any], ReadContext], BenchmarkItem]
@@ -522,20 +526,34 @@ def _local_files(path: str, split: str, configs: Sequence[str]) -> list[str]:
     return files
 
 
-def _json_rows(file: str) -> list[dict]:
+def _json_rows(file: str) -> list[tuple[str, dict]]:
+    """(where, row) of a JSON lines file (where: file:line) or of a JSON array (where: file, item i)."""
     with open(file, encoding="utf-8") as f:
         text = f.read()
     if file.endswith(".jsonl") or not text.lstrip().startswith("["):
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = [(f"{file}:{n}", _json_line(file, n, line)) for n, line in enumerate(text.splitlines(), 1)
+                if line.strip()]
     else:
-        rows = json.loads(text)
-    if not all(isinstance(r, dict) for r in rows):
-        raise BenchmarkFormatError(f"{file}: expected JSON objects, one per row")
+        try:
+            rows = [(f"{file}, item {i}", r) for i, r in enumerate(json.loads(text))]
+        except json.JSONDecodeError as e:
+            raise BenchmarkFormatError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
+    for where, r in rows:
+        if not isinstance(r, dict):
+            raise BenchmarkFormatError(f"{where}: expected a JSON object, got {type(r).__name__}")
     return rows
 
 
-def read_rows(path_or_id: str, split: str, configs: Sequence[str] = ()) -> Iterator[dict]:
-    """Rows of a local file/directory or a hub id, each with `_base_dir` (for relative image paths)."""
+def _json_line(file: str, line_no: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BenchmarkFormatError(f"{file}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def read_rows(path_or_id: str, split: str, configs: Sequence[str] = ()) -> Iterator[tuple[str, dict]]:
+    """(where, row) of a local file/directory or a hub id; where names the file and line or row (for
+    messages), each row has `_base_dir` (for relative image paths)."""
     import datasets
 
     if os.path.exists(path_or_id):
@@ -548,15 +566,16 @@ def read_rows(path_or_id: str, split: str, configs: Sequence[str] = ()) -> Itera
             else:
                 builder = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "csv"}[ext]
                 kwargs = {"sep": "\t"} if ext == ".tsv" else {}
-                rows = datasets.load_dataset(builder, data_files=file, split="train", **kwargs)
-            for row in rows:
-                yield {**row, "_base_dir": base}
+                table = datasets.load_dataset(builder, data_files=file, split="train", **kwargs)
+                rows = ((f"{file}, row {i}", row) for i, row in enumerate(table))
+            for where, row in rows:
+                yield where, {**row, "_base_dir": base}
         return
     if path_or_id.count("/") != 1 or path_or_id.startswith((".", "/")):
         raise FileNotFoundError(f"{path_or_id}: no such file or directory (and not a hub id 'owner/name')")
     for config in configs or (None,):
-        for row in datasets.load_dataset(path_or_id, config, split=split):
-            yield {**row, "_base_dir": None}
+        for i, row in enumerate(datasets.load_dataset(path_or_id, config, split=split)):
+            yield f"{path_or_id}{f' ({config})' if config else ''} {split} row {i}", {**row, "_base_dir": None}
 
 
 def load_benchmark(
@@ -573,8 +592,8 @@ def load_benchmark(
     if source is None:
         raise ValueError(f"benchmark {name!r} has no hub copy; give the path to its files (see docs/evaluation.md)")
     items = []
-    for index, row in enumerate(read_rows(source, split or bench.split, bench.configs)):
-        item = bench.reader(row, ReadContext(name, index, image_root))
+    for index, (where, row) in enumerate(read_rows(source, split or bench.split, bench.configs)):
+        item = bench.reader(row, ReadContext(name, index, image_root, where))
         if bench.keep is None or bench.keep(item):
             items.append(item)
     if not items:

@@ -20,12 +20,13 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Sequence, Union
 from xr_jax.data import images as images_lib
 from xr_jax.data.synthetic import SyntheticConfig
 from xr_jax.evaluation import EvalSection
+from xr_jax.errors import UserError
 from xr_jax.models.config import Attention, DType, Remat
 from xr_jax.registry import Registry
 from xr_jax.train.grpo_loss import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the typed tree; the message names the dotted key."""
 
 
@@ -148,8 +149,10 @@ class CheckpointSection:
 
 @dataclasses.dataclass(frozen=True)
 class LoggingSection:
-    """JSONL metrics go to `dir`/metrics.jsonl always; TensorBoard and W&B are imported only when enabled;
-    progress: a bar with rate and ETA when stderr is a terminal."""
+    """JSONL metrics go to `dir`/metrics.jsonl always (every `every` steps); TensorBoard and W&B are
+    imported only when enabled; progress: a bar with rate and ETA when stderr is a terminal; print_every:
+    when stdout is not a terminal (nohup, SLURM), a line on stdout every this many steps (step, loss,
+    reward, tokens/s, ETA); 0 = never."""
 
     dir: str = "runs/sft"
     every: int = 1
@@ -157,6 +160,7 @@ class LoggingSection:
     wandb: bool = False
     wandb_project: str = "xr-jax"
     progress: bool = True
+    print_every: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +291,8 @@ class Config:
         for i, term in enumerate(self.grpo.rewards):
             if not math.isfinite(term.weight):
                 raise ConfigError(f"config key 'grpo.rewards[{i}].weight' must be a finite number, got {term.weight}")
+        if self.logging.print_every < 0:
+            raise ConfigError(f"config key 'logging.print_every' must be >= 0 (0 = never), got {self.logging.print_every}")
         if self.grpo.gap_every < 0:
             raise ConfigError(f"config key 'grpo.gap_every' must be >= 0 (0 = never), got {self.grpo.gap_every}")
         if self.train.batch_size % self.train.microbatches:

@@ -29,6 +29,8 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
+from xr_jax.errors import UserError
+
 GIB = 2**30
 
 # Memory per device (what the runtime reports as total) and dense bf16 peak FLOP/s (datasheets).
@@ -46,7 +48,7 @@ REMATS = ("none", "dots", "full")  # cheapest first: recompute costs time
 _WORKER_TAG = "XRPLAN "
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A plan request that cannot be answered (bad memory size, unknown device kind, no devices)."""
 
 

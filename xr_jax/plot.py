@@ -13,10 +13,12 @@ import math
 import os
 from typing import Optional, Sequence
 
+from xr_jax.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError, ValueError):
     """A run directory without a readable metrics.jsonl, or metrics that none of the runs logged."""
 
 

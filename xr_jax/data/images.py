@@ -18,12 +18,14 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from xr_jax.errors import UserError
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image that cannot be read or used; the message names the sample."""
 
 

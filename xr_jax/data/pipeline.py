@@ -51,6 +51,7 @@ import numpy as np
 from xr_jax.data import images as images_lib
 from xr_jax.data import templates
 from xr_jax.data.sources import BadRow, Example, Source
+from xr_jax.errors import UserError
 
 log = logging.getLogger("xr_jax.data")
 MAX_LOGGED_IDS = 5
@@ -115,7 +116,7 @@ class RowStats:
 TRUNCATION_FLAGS = ("truncated", "lost_think", "lost_answer")
 
 
-class UnusableData(ValueError):
+class UnusableData(UserError, ValueError):
     """A whole pass over the data gave no batch: repeating the data would loop forever."""
 
 

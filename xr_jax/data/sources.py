@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 from xr_jax.data import templates
+from xr_jax.errors import UserError
 
 SCHEMA_SAMPLE_ROWS = 32  # rows inspected at start to decide whether a raw-JSON source has the right schema
 
@@ -36,7 +37,7 @@ class BadRow(ValueError):
         self.detail = detail
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """The source's columns do not fit the format at all (raised at start, not in the middle of a run)."""
 
 

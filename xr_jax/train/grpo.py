@@ -382,11 +382,14 @@ def main(config) -> dict:
     from xr_jax.data.tokenizer import load_tokenizer
     from xr_jax.train.sft import build_model, export_final
 
+    loop.check_outputs(config)
     d = config.distributed
     parallel.initialize_distributed(d.initialize, d.coordinator, d.num_processes, d.process_id)
     mesh = parallel.make_mesh(config.mesh.shape)
     if config.data.tokenizer is None and config.model.path is None:
-        raise ValueError("GRPO needs a tokenizer: set data.tokenizer ('qwen2.5', 'tiny' or a checkpoint dir) or model.path")
+        from xr_jax.config import ConfigError
+
+        raise ConfigError("GRPO needs a tokenizer: set data.tokenizer ('qwen2.5', 'tiny' or a checkpoint dir) or model.path")
     tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
     model_cfg, loaded = build_model(config, mesh, tokenizer)
     parallel.check_model_fits_mesh(model_cfg, mesh)
@@ -422,11 +425,12 @@ def main(config) -> dict:
                 total_steps=plan.total, put_batch=lambda b: b,
                 logger=logger, checkpointer=checkpointer, config_dict=config_dict,
                 nan_patience=config.train.nan_patience, log_every=lg.every, progress=lg.progress,
+                print_every=lg.print_every,
             )
     finally:
         trainer.close()
         logger.close()
         if checkpointer is not None:
             checkpointer.close()
-    export_final(config, model_cfg, result.state.params)
+    loop.report_done(result.steps, export_final(config, model_cfg, result.state.params))
     return result.last or {}

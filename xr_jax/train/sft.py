@@ -8,7 +8,8 @@ packing, the microbatch count or the mesh, so every layout trains the same model
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import os
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -227,7 +228,9 @@ def load_tokenizer(config):
 
     name = config.data.tokenizer or config.model.path
     if name is None:
-        raise ValueError("data.tokenizer is needed with a preset model: 'qwen2.5', 'tiny' or a checkpoint dir")
+        from xr_jax.config import ConfigError
+
+        raise ConfigError("data.tokenizer is needed with a preset model: 'qwen2.5', 'tiny' or a checkpoint dir")
     return load(name)
 
 
@@ -289,13 +292,39 @@ def make_batches(config, model_cfg: ModelConfig, tokenizer=None, plan=None):
     return iter(pipeline.sft_pipeline(make_source(config), tokenizer, sft_data_config(config, plan)))
 
 
-def export_final(config, model_cfg: ModelConfig, params) -> None:
-    """Save the final params as an xr_jax model checkpoint when `train.export_dir` is set."""
-    if config.train.export_dir is not None:
-        from xr_jax import convert
+def export_final(config, model_cfg: ModelConfig, params) -> Optional[str]:
+    """Save the final params as an xr_jax model checkpoint when `train.export_dir` is set; returns its path.
+    Only completed runs get here. Written atomically (`write_atomically`): a reader never sees a
+    half-written export, and an existing one is replaced only once the new one is complete."""
+    if config.train.export_dir is None:
+        return None
+    from xr_jax import convert
 
-        assets = config.model.path if config.model.path and not convert.is_model_checkpoint(config.model.path) else None
-        convert.save_model(config.train.export_dir, model_cfg, params, assets_from=assets)
+    assets = config.model.path if config.model.path and not convert.is_model_checkpoint(config.model.path) else None
+    return write_atomically(config.train.export_dir,
+                            lambda tmp: convert.save_model(tmp, model_cfg, params, assets_from=assets))
+
+
+def write_atomically(out_dir: str, write: Callable[[str], None]) -> str:
+    """`write(tmp)` into `<out_dir>.partial` beside `out_dir` (every process: Orbax writes shards from all
+    of them), then process 0 swaps it into place with renames; returns the absolute `out_dir`."""
+    import shutil
+
+    out_dir = os.path.abspath(out_dir)
+    tmp, old = out_dir + ".partial", out_dir + ".replaced"
+    if jax.process_index() == 0:
+        for leftover in (tmp, old):  # from a run killed while exporting
+            shutil.rmtree(leftover, ignore_errors=True)
+    parallel.sync_processes("xr_jax export start")
+    write(tmp)
+    parallel.sync_processes("xr_jax export written")
+    if jax.process_index() == 0:
+        if os.path.exists(out_dir):
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    parallel.sync_processes("xr_jax export done")
+    return out_dir
 
 
 def make_source(config):
@@ -307,7 +336,9 @@ def make_source(config):
     if d.source == "synthetic":
         return synthetic_source(d.synthetic)
     if d.path is None:
-        raise ValueError(f"data.source {d.source!r} needs data.path (a file, directory or hub id)")
+        from xr_jax.config import ConfigError
+
+        raise ConfigError(f"data.source {d.source!r} needs data.path (a file, directory or hub id)")
     return sources.load_source(d.path, d.source, split=d.split)
 
 
@@ -317,6 +348,7 @@ def main(config) -> dict:
     from xr_jax.models.qwen2_5_vl import init_params
     from xr_jax.train import epochs, flops, loop, state as state_lib
 
+    loop.check_outputs(config)
     d = config.distributed
     parallel.initialize_distributed(d.initialize, d.coordinator, d.num_processes, d.process_id)
     mesh = parallel.make_mesh(config.mesh.shape)
@@ -358,10 +390,11 @@ def main(config) -> dict:
                 put_batch=lambda b: device_batch(b, mesh, model_cfg),
                 logger=logger, checkpointer=checkpointer, config_dict=config_dict, nan_patience=tr.nan_patience,
                 flops_fn=flops_fn, peak_flops=peak, log_every=lg.every, progress=lg.progress,
+                print_every=lg.print_every,
             )
     finally:
         logger.close()
         if checkpointer is not None:
             checkpointer.close()
-    export_final(config, model_cfg, result.state.params)
+    loop.report_done(result.steps, export_final(config, model_cfg, result.state.params))
     return result.last or {}
