@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tiny_checkpoint import TINY, save_byte_tokenizer, tiny_vl_model
+from tests.tiny_checkpoint import TINY, tiny_vl_model
 from xr_jax import chat_sampling as cs
 from xr_jax import cli
 from xr_jax.data import images as images_lib
@@ -60,7 +60,7 @@ def tiny(tmp_path_factory):
     with torch.no_grad():
         model.lm_head.weight[S.im_end] = model.lm_head.weight[token] * 1.05
     model.save_pretrained(root / "hf")
-    save_byte_tokenizer(str(root / "hf"))
+    TINY.save_pretrained(str(root / "hf"))
     return types.SimpleNamespace(root=root, hf=str(root / "hf"), model=model, messages=str(messages))
 
 

@@ -10,7 +10,7 @@ from tests import grpo_rewards  # noqa: F401  (registers the test rewards)
 from xr_jax import config as config_lib
 from xr_jax.train import grpo
 
-TASK = ["data.tokenizer=tiny", "data.source=synthetic", "data.synthetic.max_steps=1", "data.synthetic.max_operand=3",
+TASK = ["model.tokenizer=tiny", "data.source=synthetic", "data.synthetic.max_steps=1", "data.synthetic.max_operand=3",
         "logging.progress=false"]
 
 

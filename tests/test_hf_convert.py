@@ -45,7 +45,7 @@ def test_qwen2_text_load_matches_and_round_trips(text_ckpt, tmp_path):
     want = ref.hf_logits(model, ids, np.ones_like(ids))
     np.testing.assert_allclose(_text_logits(cfg, params, ids), want, atol=1e-5)
     out = str(tmp_path / "export")
-    hf.save_hf(params, cfg, out, source_dir=path)
+    hf.save_hf(params, cfg, out)
     src, dst = _all_tensors(path), _all_tensors(out)
     assert set(dst) == set(src) - {"lm_head.weight"}  # tied: lm_head not written
     for k in dst:

@@ -1,8 +1,8 @@
 """A tiny Hugging Face Qwen2.5-VL checkpoint directory for command-line tests, built offline.
 
 The model has the `tiny` tokenizer's vocabulary (278: bytes + the 22 Qwen2.5 added tokens) and its
-vision ids; the directory gets a byte-level BPE `tokenizer.json` (no merges) that gives exactly the
-`tiny` tokenizer's ids, so `load_tokenizer(dir)` goes through transformers like a real checkpoint's.
+vision ids; the directory gets the `tiny` tokenizer's own Hugging Face files (byte-level BPE, no merges:
+exactly its ids), so `load_tokenizer(dir)` goes through transformers like a real checkpoint's.
 """
 
 from __future__ import annotations
@@ -11,25 +11,9 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from tests import hf_reference as ref
-from xr_jax.data.tokenizer import QWEN2_5_ADDED_TOKENS, _byte_decoder, load_tokenizer
+from xr_jax.data.tokenizer import load_tokenizer
 
 TINY = load_tokenizer("tiny")
-
-
-def save_byte_tokenizer(out_dir: str) -> None:
-    """tokenizer.json + tokenizer_config.json with the `tiny` tokenizer's ids (0-255 bytes, 256-277 added)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    byte_to_char = {b: c for c, b in _byte_decoder().items()}
-    tok = Tokenizer(models.BPE(vocab={byte_to_char[b]: b for b in range(256)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    # In Qwen order (ids 256..277); as in Qwen2.5's tokenizer.json, the tool / FIM tokens are not special.
-    tok.add_special_tokens(list(QWEN2_5_ADDED_TOKENS[:14]))
-    tok.add_tokens(list(QWEN2_5_ADDED_TOKENS[14:]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.save_pretrained(out_dir)
 
 
 def tiny_vl_model(seed: int = 0, spiky: float = 4.0) -> Qwen2_5_VLForConditionalGeneration:
@@ -53,5 +37,5 @@ def write_tiny_checkpoint(out_dir: str, seed: int = 0) -> Qwen2_5_VLForCondition
     """Save the model and its tokenizer to `out_dir`; returns the (torch) model for reference runs."""
     model = tiny_vl_model(seed)
     model.save_pretrained(out_dir)
-    save_byte_tokenizer(out_dir)
+    TINY.save_pretrained(out_dir)
     return model

@@ -27,10 +27,15 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    """path: a Hugging Face checkpoint dir (weights are loaded); else `preset` names a random-init shape
-    (see `xr_jax.models.presets`); vocab_size overrides the preset's (to fit a tokenizer). The other fields are runtime choices (`ModelConfig` documents them)."""
+    """path: a Hugging Face checkpoint dir or an xr_jax checkpoint (weights are loaded); else `preset` names a
+    random-init shape (see `xr_jax.models.presets`); vocab_size overrides the preset's (to fit a tokenizer).
+    tokenizer: None uses the checkpoint's own (an xr_jax checkpoint's `assets/`, a HF dir itself); else
+    "qwen2.5" (built-in exact Qwen2.5), "tiny" (byte-level demo tokenizer) or a tokenizer directory; a preset
+    model needs it. Exports carry the tokenizer used. The other fields are runtime choices (`ModelConfig`
+    documents them)."""
 
     path: Optional[str] = None
+    tokenizer: Optional[str] = None
     preset: str = "tiny"
     vocab_size: Optional[int] = None
     dtype: str = "float32"
@@ -63,7 +68,6 @@ class DataSection:
     split: str = "train"
     pack: bool = True
     shuffle: bool = True
-    tokenizer: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,6 +318,10 @@ def _coerce(tp, value, key: str):
     return value
 
 
+# Keys that moved: the error names the new spelling.
+RENAMED = {"data.tokenizer": "model.tokenizer"}
+
+
 def from_dict(cls, data: Optional[dict], prefix: str = ""):
     """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise `ConfigError`."""
     data = {} if data is None else data
@@ -328,6 +336,8 @@ def from_dict(cls, data: Optional[dict], prefix: str = ""):
             near = difflib.get_close_matches(str(name), list(fields), n=1)
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else (
                 f" (known keys: {', '.join(fields)})")
+            if key in RENAMED:
+                hint = f" (it is now '{RENAMED[key]}')"
             raise ConfigError(f"unknown config key '{key}'{hint}")
         kwargs[name] = _coerce(hints[name], value, key)
     return cls(**kwargs)

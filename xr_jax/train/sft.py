@@ -220,15 +220,13 @@ def build_model(config, mesh: Mesh, tokenizer=None):
 
 
 def load_tokenizer(config):
-    """The tokenizer of `data.tokenizer`, else of the model checkpoint; None for `data.source: random`."""
-    if config.data.source == "random":
+    """The model's tokenizer (`convert.load_tokenizer_for`: `model.tokenizer`, else the checkpoint's own);
+    None for `data.source: random` without `model.tokenizer`."""
+    if config.data.source == "random" and config.model.tokenizer is None:
         return None
-    from xr_jax.data.tokenizer import load_tokenizer as load
+    from xr_jax import convert
 
-    name = config.data.tokenizer or config.model.path
-    if name is None:
-        raise ValueError("data.tokenizer is needed with a preset model: 'qwen2.5', 'tiny' or a checkpoint dir")
-    return load(name)
+    return convert.load_tokenizer_for(config.model.path, config.model.tokenizer, "model.tokenizer")
 
 
 def prompt_config(data):
@@ -257,13 +255,13 @@ def make_batches(config, model_cfg: ModelConfig, tokenizer=None):
     return iter(pipeline.sft_pipeline(source, tokenizer, data_cfg))
 
 
-def export_final(config, model_cfg: ModelConfig, params) -> None:
-    """Save the final params as an xr_jax model checkpoint when `train.export_dir` is set."""
+def export_final(config, model_cfg: ModelConfig, params, tokenizer=None) -> None:
+    """Save the final params as an xr_jax model checkpoint when `train.export_dir` is set, with the assets a
+    later stage needs (`convert.save_model`: the tokenizer used, the source's processor settings and config)."""
     if config.train.export_dir is not None:
         from xr_jax import convert
 
-        assets = config.model.path if config.model.path and not convert.is_model_checkpoint(config.model.path) else None
-        convert.save_model(config.train.export_dir, model_cfg, params, assets_from=assets)
+        convert.save_model(config.train.export_dir, model_cfg, params, source=config.model.path, tokenizer=tokenizer)
 
 
 def make_source(config):
@@ -330,5 +328,5 @@ def main(config) -> dict:
         logger.close()
         if checkpointer is not None:
             checkpointer.close()
-    export_final(config, model_cfg, result.state.params)
+    export_final(config, model_cfg, result.state.params, tokenizer)
     return result.last or {}
