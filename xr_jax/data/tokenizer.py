@@ -186,30 +186,35 @@ class Tokenizer:
         raise NotImplementedError
 
     def to_transformers(self):
-        """The same tokenizer as a transformers `Qwen2TokenizerFast`: byte-level BPE with NFC and the Qwen2
-        pre-tokenisation regex, the 22 added tokens (the first 14 special, as in Qwen2.5's files), eos
-        `<|im_end|>`, pad `<|endoftext|>` and the Qwen2.5-VL chat template."""
-        from tokenizers import Regex, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers
-        from transformers import Qwen2TokenizerFast
-
-        vocab, merges = self._vocab_merges()
-        backend = Backend(models.BPE(vocab=vocab, merges=merges))
-        backend.normalizer = normalizers.NFC()
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        backend.decoder = decoders.ByteLevel()
-        backend.add_special_tokens(list(QWEN2_5_ADDED_TOKENS[:14]))  # in Qwen order: ids follow the vocabulary
-        backend.add_tokens(list(QWEN2_5_ADDED_TOKENS[14:]))
-        tok = Qwen2TokenizerFast(
-            tokenizer_object=backend, unk_token=None, bos_token=None, eos_token="<|im_end|>",
-            pad_token="<|endoftext|>", additional_special_tokens=list(QWEN2_5_ADDED_TOKENS[:14]))
-        tok.chat_template = templates.QWEN2_5_VL_CHAT_TEMPLATE
-        return tok
+        """The same tokenizer as a transformers `Qwen2TokenizerFast` (`qwen_fast_tokenizer`)."""
+        return qwen_fast_tokenizer(*self._vocab_merges())
 
     def save_pretrained(self, out_dir: str) -> None:
         """Write Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, chat template) to `out_dir`."""
         self.to_transformers().save_pretrained(out_dir)
+
+
+def qwen_fast_tokenizer(vocab: dict[str, int], merges: list):
+    """A transformers `Qwen2TokenizerFast` over a byte-level BPE `vocab` / `merges`, laid out as Qwen2.5's: NFC,
+    the Qwen2 pre-tokenisation regex, the 22 added tokens right after the vocabulary in Qwen order (the first
+    14 special), eos `<|im_end|>`, pad `<|endoftext|>`, and the Qwen2.5-VL chat template."""
+    from tokenizers import Regex, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]  # tokenizer.json spellings
+    backend = Backend(models.BPE(vocab=vocab, merges=merges))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(QWEN2_5_ADDED_TOKENS[:14]))
+    backend.add_tokens(list(QWEN2_5_ADDED_TOKENS[14:]))
+    tok = Qwen2TokenizerFast(
+        tokenizer_object=backend, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=list(QWEN2_5_ADDED_TOKENS[:14]))
+    tok.chat_template = templates.QWEN2_5_VL_CHAT_TEMPLATE
+    return tok
 
 
 class QwenTokenizer(Tokenizer):
