@@ -27,6 +27,7 @@ def test_yaml_plus_overrides_are_typed_and_round_trip():
     ("optim.schedule=exp", "config key 'optim.schedule' is 'exp'; expected one of step_decay, cosine, linear, constant"),
     ("train.batch_size=6", "train.batch_size 6 is not divisible by train.microbatches 4"),
     ("optim", "override 'optim' must look like key.sub=value"),
+    ("data.tokenizer=tiny", "unknown config key 'data.tokenizer' (it is now 'model.tokenizer')"),
 ])
 def test_bad_keys_and_values_fail_naming_the_key(override, message):
     with pytest.raises(C.ConfigError) as e:

@@ -113,3 +113,23 @@ def test_errors_name_the_problem(text_ckpt, tmp_path):
     wrong = _broken_copy(path, str(tmp_path / "shape"), shrink)
     with pytest.raises(hf.CheckpointError, match=r"model.layers.0.mlp.up_proj.weight has shape \(2, 64, 100\).*needs \(2, 64, 128\)"):
         hf.load_hf(wrong)
+
+
+def test_config_round_trips_keep_every_key(tmp_path):
+    """A text model keeps its image ids and M-RoPE sections through HF (268 stays 268), and an export's
+    config.json is the source's dict with only what changed written, where the source keeps it."""
+    from xr_jax.models import presets
+
+    cfg = presets.preset("tiny").replace(image_token_id=268, video_token_id=269, vision_start_token_id=265,
+                                         vision_end_token_id=266)
+    assert cfg.vision is None and cfg.text.mrope_section is not None
+    assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+    ref.tiny_vl(seed=1).save_pretrained(str(tmp_path))
+    source = json.load(open(tmp_path / "config.json"))
+    vl = hf.config_from_hf(source)
+    assert hf.hf_config(vl, source, source.get("dtype", "float32")) == source
+    changed = hf.hf_config(vl.replace(text=vl.text.__class__(**{**vl.text.__dict__, "vocab_size": 96})), source,
+                           "bfloat16")
+    assert changed["text_config"]["vocab_size"] == 96 and "vocab_size" not in changed
+    assert changed["dtype"] == "bfloat16" and {k: v for k, v in changed.items() if k not in ("text_config", "dtype")} == {
+        k: v for k, v in source.items() if k not in ("text_config", "dtype")}

@@ -44,9 +44,9 @@ def test_hf_checkpoint_sft_grpo_eval_sample_export(hf_dir, tmp_path, capsys):
     # stage 1: SFT straight from the HF directory (the recipe's first command)
     assert cli.main(["sft", "--config", os.path.join(ROOT, "configs", "x_reasoner_sft.yaml"), *SMALL,
                      f"model.path={hf_dir}", "data.source=gsm8k", f"data.path={GSM8K}", "train.epochs=null",
-                     "train.steps_per_epoch=null", "train.steps=2", "train.batch_size=2", "train.microbatches=1",
-                     "train.seq_len=512", "train.loss_chunk=256", f"checkpoint.dir={tmp_path / 'sft_ckpt'}",
-                     f"logging.dir={tmp_path / 'sft_log'}", f"train.export_dir={sft_out}"]) == 0
+                     "train.steps_per_epoch=null", "train.steps=1", "train.batch_size=2", "train.microbatches=1",
+                     "train.seq_len=512", "train.loss_chunk=256", f"logging.dir={tmp_path / 'sft_log'}",
+                     f"train.export_dir={sft_out}"]) == 0
     assets = os.path.join(sft_out, convert.ASSETS_DIR)
     assert {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "config.json"} <= set(_files(assets))
     assert json.load(open(os.path.join(assets, "config.json"))) == json.load(open(os.path.join(hf_dir, "config.json")))
@@ -55,8 +55,9 @@ def test_hf_checkpoint_sft_grpo_eval_sample_export(hf_dir, tmp_path, capsys):
     assert cli.main(["grpo", "--config", os.path.join(ROOT, "configs", "x_reasoner_grpo.yaml"), *SMALL,
                      f"model.path={sft_out}", f"data.path={ORZ}", "train.steps=1", "train.batch_size=2",
                      "grpo.group_size=2", "grpo.max_new_tokens=8", "grpo.max_prompt_len=256", "grpo.microbatches=1",
-                     "grpo.reward_workers=1", "train.loss_chunk=256", f"checkpoint.dir={tmp_path / 'grpo_ckpt'}",
-                     f"logging.dir={tmp_path / 'grpo_log'}", f"train.export_dir={grpo_out}"]) == 0
+                     "grpo.kl_coef=0", "grpo.gap_every=0", "grpo.reward_workers=1", "train.loss_chunk=256",
+                     f"logging.dir={tmp_path / 'grpo_log'}",
+                     f"train.export_dir={grpo_out}"]) == 0
     assert _files(os.path.join(grpo_out, convert.ASSETS_DIR)) == _files(assets)
     assert convert.load_tokenizer_for(grpo_out).encode("12 eggs") == src_tok.encode("12 eggs")
 
@@ -116,8 +117,7 @@ def test_preset_model_exports_its_builtin_tokenizer(tmp_path, capsys):
     need no override, and transformers' AutoTokenizer gives the tiny tokenizer's ids."""
     export = str(tmp_path / "model")
     assert cli.main(["sft", "--config", os.path.join(ROOT, "configs", "tiny_sft.yaml"), "model.tokenizer=tiny",
-                     "data.source=gsm8k", f"data.path={GSM8K}", "train.steps=1", "train.batch_size=2",
-                     "train.seq_len=1024", "train.loss_chunk=256", "mesh.shape=[1,1,1]", "logging.progress=false",
+                     "train.steps=1", "train.batch_size=2", "mesh.shape=[1,1,1]", "logging.progress=false",
                      f"logging.dir={tmp_path / 'log'}", f"train.export_dir={export}"]) == 0
     text = "Janet’s ducks lay 16 eggs. <|im_start|>"
     assert convert.load_tokenizer_for(export).encode(text) == load_tokenizer("tiny").encode(text)
