@@ -22,7 +22,8 @@ def tiny_vl_model(seed: int = 0, spiky: float = 4.0, tokenizer=TINY) -> Qwen2_5_
     s = tokenizer.special
     torch.manual_seed(seed)
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(ref.TEXT, vocab_size=tokenizer.vocab_size, max_position_embeddings=2048, bos_token_id=s.im_start,
+        text_config=dict(ref.TEXT, vocab_size=tokenizer.vocab_size, max_position_embeddings=2048,
+                         bos_token_id=s.im_start,
                          eos_token_id=s.im_end, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
         vision_config=ref.VISION, image_token_id=s.image_pad, video_token_id=s.video_pad,
         vision_start_token_id=s.vision_start, vision_end_token_id=s.vision_end, tie_word_embeddings=False,
@@ -42,7 +43,7 @@ def write_tiny_checkpoint(out_dir: str, seed: int = 0) -> Qwen2_5_VLForCondition
     return model
 
 
-def write_bpe_checkpoint(out_dir: str, texts, vocab_size: int = 512, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+def write_bpe_checkpoint(out_dir: str, texts, vocab_size: int = 512, seed: int = 0):
     """A tiny Qwen2.5-VL checkpoint as a user downloads one, with a REAL tokenizer: a byte-level BPE trained
     on `texts` (Qwen2 pre-tokenisation, `vocab_size` ranks, then the 22 Qwen2.5 added tokens), saved as a
     transformers `Qwen2TokenizerFast` with the Qwen2.5-VL chat template, the image processor settings of the

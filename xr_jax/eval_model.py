@@ -100,7 +100,8 @@ class ModelGenerator:
         m = config.model
         if not getattr(m, "path", None):
             raise ValueError("set model.path to the checkpoint directory to evaluate")
-        tokenizer = convert.load_tokenizer_for(m.path, getattr(m, "tokenizer", None), "model.tokenizer")  # before the weights
+        # the tokenizer first: a missing one fails before the weights load
+        tokenizer = convert.load_tokenizer_for(m.path, getattr(m, "tokenizer", None), "model.tokenizer")
         mesh = parallel.make_mesh(tuple(config.mesh.shape))
         runtime = {k: getattr(m, k) for k in ("scan_layers", "remat", "attention") if hasattr(m, k)}
         model_cfg, params = convert.load_any(m.path, mesh, cast=getattr(m, "param_dtype", None), **runtime)
