@@ -52,7 +52,17 @@ def test_a_new_section_needs_no_change_to_the_mechanism():
         C.load(None, ["train.steps=1", "distill.alpah=0.3"], cls=WithDistill)
 
 
-def test_steps_must_be_given():
-    with pytest.raises(C.ConfigError, match="set train.steps"):
+def test_steps_or_epochs_must_be_given():
+    with pytest.raises(C.ConfigError, match=r"set train.epochs \(passes over the data\) or train.steps"):
         C.load(None, [])
     assert C.load(None, ["train.epochs=3", "train.steps_per_epoch=7"]).total_steps == 21
+    assert C.load(None, ["train.epochs=3"]).total_steps is None  # counted from the data at start
+    with pytest.raises(C.ConfigError, match="'train.epochs' must be >= 1"):
+        C.load(None, ["train.epochs=0"])
+
+
+def test_overflow_is_a_checked_literal():
+    assert C.load(None, ["train.steps=1"]).data.overflow == "truncate"
+    assert C.load(None, ["train.steps=1", "data.overflow=chunk"]).data.overflow == "chunk"
+    with pytest.raises(C.ConfigError, match="'data.overflow' is 'cut'; expected one of truncate, drop, chunk"):
+        C.load(None, ["train.steps=1", "data.overflow=cut"])

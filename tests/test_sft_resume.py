@@ -144,7 +144,7 @@ def test_corrupt_or_half_written_latest_checkpoint_falls_back_with_a_message(tmp
         got = checkpoint.Checkpointer(str(tmp_path), keep=5).restore(abstract)
     assert got.step == 1 and got.data_state == {"index": 1} and got.config == {"a": 1}
     _assert_same(got.state, s1)
-    assert "checkpoint step 2" in caplog.text and "unreadable" in caplog.text
+    assert "step 2 is corrupt" in caplog.text and "restored step 1 instead" in caplog.text
 
 
 @pytest.mark.parametrize("save_shape,load_shape", [((2, 2, 2), (1, 1, 1)), ((1, 1, 1), (1, 4, 2))])

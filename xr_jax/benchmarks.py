@@ -15,7 +15,8 @@ Formats were written from each benchmark's dataset card / release (see docs/eval
                    HuggingFaceH4/MATH-500's `{problem, answer}` is read too.
 - MMLU-Pro         `{question_id, question, options: list, answer: letter, answer_index, category}`.
 - MedQA            `{question, answer: text, options: {A: ...}, answer_idx: letter, meta_info}`
-                   (jind11/MedQA US 5-option files and GBaker/MedQA-USMLE-4-options).
+                   (jind11/MedQA US 5-option files and GBaker/MedQA-USMLE-4-options); bigbio/med_qa's
+                   `options: [{key, value}]` too (the RL reader `sources.medqa_format`).
 - MMMU / MMMU-Pro  `{id, question, options: "['..', ..]" (a stringified list), answer, image_1..image_7,
                    question_type, subject?}`; `<image k>` placeholders refer to `image_k`.
                    MMMU-Pro vision: `{id, image, options, answer, subject}` (question inside the image).
@@ -267,13 +268,12 @@ def read_mmlu_pro(row: Mapping, ctx: ReadContext) -> BenchmarkItem:
 
 
 def read_medqa(row: Mapping, ctx: ReadContext) -> BenchmarkItem:
-    options = _get(row, "options", ctx, Mapping)
-    choices = {str(k): str(v) for k, v in options.items() if v is not None}
-    letter = _letter(_text(row, "answer_idx", ctx), choices, ctx, "answer_idx")
-    if "answer" in row and row["answer"] is not None and str(row["answer"]).strip() != choices[letter].strip():
-        raise ctx.error(f"answer text {row['answer']!r} is not option {letter} ({choices[letter]!r})")
-    return BenchmarkItem(ctx.benchmark, _row_id(row, ctx, "id"), _text(row, "question", ctx), (letter,),
-                         "multiple_choice", choices, meta={"meta_info": row.get("meta_info")})
+    """MedQA through the data pipeline's reader (the RL source `medqa`), so RL and evaluation read alike."""
+    from xr_jax.data.sources import medqa_format
+
+    ex = _from_source_format(medqa_format(), row, ctx)
+    return BenchmarkItem(ctx.benchmark, _row_id(row, ctx, "id"), ex.question, (ex.answer,), "multiple_choice",
+                         ex.choices, meta={"meta_info": ex.meta.get("meta_info")})
 
 
 def read_mmmu(row: Mapping, ctx: ReadContext) -> BenchmarkItem:

@@ -12,8 +12,9 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
+from xr_jax.data import images as images_lib
 from xr_jax.data.synthetic import SyntheticConfig
 from xr_jax.evaluation import EvalSection
 
@@ -58,7 +59,11 @@ class DataSection:
     built-in arithmetic task, `synthetic` sets it up) or a `sources` format name read from `path`. pack:
     first-fit packing of examples into rows (text only). prompt_template: how a question becomes the user turn
     (`templates.PROMPT_TEMPLATES`: the paper's "x_reasoner_train", "plain", ...). system: the system message
-    (None: the chat template's default, "You are a helpful assistant.")."""
+    (None: the chat template's default, "You are a helpful assistant."). min_pixels / max_pixels: the
+    resolution bounds of image rows (`xr_jax.data.images`; default the checkpoints' preprocessor_config.json,
+    3136 / 12845056; the paper's data is text only). overflow (SFT): a sample longer than `train.seq_len` is cut ("truncate", the paper's), skipped ("drop") or continued in the next row ("chunk",
+    llama-recipes' concatenate-and-chunk); the counts are logged and in `<logging.dir>/data_summary.json`.
+    cache_dir: where the counted first pass of `train.epochs` is cached (None: `<logging.dir>/data_cache`)."""
 
     source: str = "random"
     path: Optional[str] = None
@@ -67,7 +72,11 @@ class DataSection:
     system: Optional[str] = None
     split: str = "train"
     pack: bool = True
+    overflow: Literal["truncate", "drop", "chunk"] = "truncate"
     shuffle: bool = True
+    min_pixels: int = images_lib.DEFAULT_MIN_PIXELS
+    max_pixels: int = images_lib.DEFAULT_MAX_PIXELS
+    cache_dir: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +104,10 @@ class OptimSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
-    """steps: total optimizer steps (or `epochs` x `steps_per_epoch`). batch_size: GLOBAL rows per step,
+    """epochs: passes over the data (SFT rows, GRPO prompts); the steps per epoch are counted from the data
+    (`xr_jax.train.epochs`) and set the LR decay points and warmup. steps_per_epoch: a fixed count instead (the
+    data then repeats without end). steps: the total, overriding epochs x steps per epoch (the run stops there;
+    without epochs the data repeats and the schedule has one epoch). batch_size: GLOBAL rows per step,
     split into `microbatches` inside the jitted step. seq_len: tokens per row. freeze_vision: the paper
     trains on text only; the vision tower then gets no gradient and no optimizer state. loss_chunk:
     tokens per chunk of the chunked cross-entropy. nan_patience: stop (with a checkpoint) after this many
@@ -121,12 +133,15 @@ class TrainSection:
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
     """dir None disables checkpoints. every: steps between saves (also at the end and on SIGTERM/SIGINT).
-    keep: how many recent checkpoints stay on disk. async_save: write in a background thread."""
+    keep: how many recent checkpoints stay on disk. async_save: write in a background thread.
+    allow_config_change: resume although these keys (or sections) differ from the checkpoint's config
+    (true: any key); keys in `checkpoint.SAFE_TO_CHANGE` never need it (docs/checkpoints.md)."""
 
     dir: Optional[str] = None
     every: int = 100
     keep: int = 3
     async_save: bool = True
+    allow_config_change: Union[bool, tuple[str, ...]] = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +178,10 @@ class GRPOSection:
     max_prompt_len / max_new_tokens: prompt budget (longer prompts are dropped and counted) and response
       length (paper: 4096). forced_exit: use the thinking budget `max_think` + `max_answer` in rollouts
       (paper: off in RL); mask_forced: keep forced-exit tokens out of the loss.
-    reward: the reward function's registered name; format_weight: adds weight x the `format` reward.
+    reward: the reward function's registered name: `math` / `multiple_choice` extract strictly (a closed
+      `<answer>` span, as the X-Reasoner templates ask; no span = 0), `math_lenient` / `multiple_choice_lenient`
+      also take a bare `\\boxed{}` (tagless templates); multiple-choice rows pass their option texts.
+      format_weight: adds weight x the `format` reward.
     reward_modules: modules imported at start so that the rewards they register (`@xr_jax.rewards.register`)
       can be named in `reward`, e.g. ["my_lab.rewards"] (importable on every host).
     advantage: "grpo" ((r - mean) / (std + eps), unbiased std) or "dr_grpo" (r - mean).
@@ -171,9 +189,12 @@ class GRPOSection:
       kl_coef 0 loads no reference model at all.
     minibatches: optimizer steps per rollout batch (1 = the paper's literal reading); update_passes: passes
       over the rollout batch; microbatches: gradient accumulation inside each optimizer step.
-    old_logprobs: "sampler" (pi_old = the rollout's log-probs) or "recompute" (a training forward first).
-    gap_every: with "sampler", log `sampler_logp_gap` (mean |sampler - trainer log-prob|, one extra forward) on
-      the first rollout step and every `gap_every` steps after; 0 = never.
+    old_logprobs: "sampler" (pi_old = the rollout's log-probs) or "recompute" (a forward pass of the rollout
+      policy before the updates, as verl does: the first minibatch's ratio is then 1 by construction, and
+      sampler/trainer numeric differences do not enter the ratio). The two agree when the sampler's and the
+      trainer's log-probs agree (`sampler_logp_gap`).
+    gap_every: log `sampler_logp_gap` (mean |sampler - trainer log-prob| over loss tokens; with "sampler" one
+      extra forward, with "recompute" free) on the first rollout step and every `gap_every` steps after; 0 = never.
     sampler_dtype: sample with a copy of the params in this dtype (None: the params as they are).
     """
 
@@ -249,6 +270,10 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+        try:
+            images_lib.ImageConfig(min_pixels=self.data.min_pixels, max_pixels=self.data.max_pixels)
+        except ValueError as e:
+            raise ConfigError(f"config keys 'data.min_pixels' / 'data.max_pixels': {e}") from None
         if self.grpo.gap_every < 0:
             raise ConfigError(f"config key 'grpo.gap_every' must be >= 0 (0 = never), got {self.grpo.gap_every}")
         if self.train.batch_size % self.train.microbatches:
@@ -256,14 +281,20 @@ class Config:
                 f"train.batch_size {self.train.batch_size} is not divisible by train.microbatches "
                 f"{self.train.microbatches}; choose a batch size that is a multiple of the microbatch count"
             )
-        if training and self.train.steps is None and (self.train.epochs is None or self.train.steps_per_epoch is None):
-            raise ConfigError("set train.steps, or both train.epochs and train.steps_per_epoch")
+        for key in ("epochs", "steps", "steps_per_epoch"):
+            if getattr(self.train, key) is not None and getattr(self.train, key) < 1:
+                raise ConfigError(f"config key 'train.{key}' must be >= 1, got {getattr(self.train, key)}")
+        if training and self.train.steps is None and self.train.epochs is None:
+            raise ConfigError("set train.epochs (passes over the data) or train.steps")
         return self
 
     @property
-    def total_steps(self) -> int:
+    def total_steps(self) -> Optional[int]:
+        """`train.steps`, else epochs x steps_per_epoch; None when the steps per epoch are counted from the data."""
         if self.train.steps is not None:
             return self.train.steps
+        if self.train.epochs is None or self.train.steps_per_epoch is None:
+            return None
         return self.train.epochs * self.train.steps_per_epoch
 
 
@@ -304,6 +335,11 @@ def _coerce(tp, value, key: str):
             raise ConfigError(f"config key '{key}' has value {value!r}; expected a mapping")
         return dict(value)
     if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(map(str, allowed))}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

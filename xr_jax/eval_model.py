@@ -107,4 +107,4 @@ class ModelGenerator:
         model_cfg, params = convert.load_any(m.path, mesh, cast=getattr(m, "param_dtype", None), **runtime)
         if hasattr(m, "dtype"):
             model_cfg = model_cfg.replace(dtype=m.dtype)
-        return cls(model_cfg, params, tokenizer, mesh=mesh)
+        return cls(model_cfg, params, tokenizer, mesh=mesh, image_config=config.eval.image_config())

@@ -36,6 +36,7 @@ import time
 from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 from xr_jax import benchmarks as bm
+from xr_jax.data import images as images_lib
 
 FINISH_REASONS = ("eos", "forced_exit", "length")
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -58,6 +59,10 @@ class EvalSection:
     forced_exit: False reproduces the "before forced exit" column of the paper's Table 2.
     batch_size: prompts per generate call (rows = batch_size * k); a multiple of the mesh's data axis.
     mc_template / math_template: prompt template names (`xr_jax.data.templates`).
+    min_pixels / max_pixels: the image resolution bounds (`smart_resize`); the default is the checkpoints'
+        `preprocessor_config.json` (3136 / 12845056, what vLLM uses unset; the paper does not say), the
+        X-Reasoner-7B model card's example uses 262144 / 262144 (`xr_jax.data.images` documents both).
+        Recorded in results.json.
     rescore: a predictions.jsonl to re-score instead of generating (no model is loaded).
     """
 
@@ -77,10 +82,19 @@ class EvalSection:
     score_workers: int = 4
     score_timeout: float = 10.0
     rescore: Optional[str] = None
+    min_pixels: int = images_lib.DEFAULT_MIN_PIXELS
+    max_pixels: int = images_lib.DEFAULT_MAX_PIXELS
 
     @property
     def k(self) -> int:
         return 1 if self.protocol == "greedy" else self.num_samples
+
+    def image_config(self) -> images_lib.ImageConfig:
+        """The image preprocessing of this evaluation (raises ValueError on bad pixel bounds)."""
+        try:
+            return images_lib.ImageConfig(min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        except ValueError as e:
+            raise ValueError(f"eval.min_pixels / eval.max_pixels: {e}") from None
 
     def validate(self) -> "EvalSection":
         if self.protocol not in ("greedy", "sampling"):
@@ -90,6 +104,7 @@ class EvalSection:
                 raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
         if self.protocol == "sampling" and not self.temperature > 0:
             raise ValueError(f"eval.temperature must be > 0 for protocol 'sampling', got {self.temperature}")
+        self.image_config()
         if self.max_answer >= self.max_tokens:
             raise ValueError(f"eval.max_answer ({self.max_answer}) must be below eval.max_tokens ({self.max_tokens})")
         if not self.benchmarks and self.rescore is None:
@@ -290,8 +305,8 @@ def score_records(records: Sequence[Record], scorer: Scorer) -> list[Record]:
 class RewardScorer:
     """Scores with the project's reward functions (`multiple_choice`, `math`) in the reward worker pool.
 
-    Extraction (last `<answer>` span, then `\\boxed{}`) and option matching are the rewards' own, so an
-    evaluation scores exactly what RL rewarded. Items with several accepted answers (MMMU open questions)
+    Extraction (strict: the last closed `<answer>` span, then a `\\boxed{}` inside it) and option matching
+    are the rewards' own, so an evaluation scores exactly what RL rewarded. Items with several accepted answers (MMMU open questions)
     are correct when any one matches.
     """
 
@@ -476,6 +491,11 @@ def evaluate(
     items_by_benchmark: pre-read items (tests); by default each benchmark is read per `cfg.sources`.
     """
     cfg.validate()
+    used = getattr(generator, "image_config", None)
+    if used is not None and used != cfg.image_config():
+        raise ValueError(f"the generator preprocesses images with min/max pixels {used.min_pixels}/{used.max_pixels} "
+                         f"but eval.min_pixels/max_pixels are {cfg.min_pixels}/{cfg.max_pixels}: results.json would "
+                         "record the wrong resolution")
     records: list[Record] = []
     started = time.time()
     for name in cfg.benchmarks:
@@ -487,7 +507,7 @@ def evaluate(
     metrics = compute_metrics(records)
     info = {**(info or {}), "protocol": cfg.protocol, "k": cfg.k, "temperature": cfg.temperature if cfg.k > 1 else 0.0,
             "max_tokens": cfg.max_tokens, "max_answer": cfg.max_answer, "forced_exit": cfg.forced_exit,
-            "seconds": round(time.time() - started, 1)}
+            "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels, "seconds": round(time.time() - started, 1)}
     if _is_main_process():
         write_results(cfg.output_dir, records, metrics, info)
     return metrics

@@ -271,11 +271,8 @@ def measure(config, layout: Layout, stage: str = "sft", compile: bool = True) ->
         return out
     tr = config.train
     frozen = ("visual",) if tr.freeze_vision and cfg.vision is not None else ()
-    if stage == "grpo":
-        updates = config.total_steps * config.grpo.minibatches * config.grpo.update_passes
-        tx, schedule = state_lib.make_optimizer(config.optim, updates, None, frozen)
-    else:
-        tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps, tr.steps_per_epoch, frozen)
+    # The optimizer state's shapes do not depend on the schedule: counted epochs (total_steps None) need no data.
+    tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps or 1, None, frozen)
     init = lambda key: init_params(cfg, key)  # noqa: E731
     shardings = state_lib.state_shardings(tx, jax.eval_shape(init, jax.random.PRNGKey(0)), mesh)
     state = state_lib.abstract_state(init, tx, shardings)

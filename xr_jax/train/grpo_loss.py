@@ -198,9 +198,13 @@ def grpo_loss(
         raise ValueError("global_seqs is for the sequence modes; agg='token-mean' takes global_tokens")
 
     f32 = jnp.float32
-    logp, old_logp = logp.astype(f32), old_logp.astype(f32)
     m = mask.astype(f32)
-    a = adv.astype(f32)[:, None]
+    on = m > 0
+    # Off-mask values are replaced (`where`), not multiplied by 0: NaN * 0 is NaN, in the loss and in the
+    # gradient, and padded or prompt positions may hold anything (e.g. -inf logits -> NaN log-probs).
+    logp = jnp.where(on, logp.astype(f32), 0.0)
+    old_logp = jnp.where(on, old_logp.astype(f32), 0.0)
+    a = jnp.where(on.any(axis=1), adv.astype(f32), 0.0)[:, None]
 
     ratio = jnp.exp(jnp.clip(logp - old_logp, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
     lo, hi = 1.0 - config.clip_low, 1.0 + config.clip_high
@@ -216,7 +220,7 @@ def grpo_loss(
     n_tokens = m.sum()
 
     def token_mean(x: jax.Array) -> jax.Array:
-        return (x * m).sum() / jnp.maximum(n_tokens, 1.0)
+        return jnp.where(on, x, 0.0).sum() / jnp.maximum(n_tokens, 1.0)
 
     metrics = {
         "pg_loss": pg_loss,
@@ -231,12 +235,12 @@ def grpo_loss(
     if config.dual_clip is not None:
         metrics["dual_clip_frac"] = token_mean(((a < 0) & (ratio > config.dual_clip)).astype(f32))
     if ref_logp is not None:
-        kl = kl_estimate(logp, ref_logp.astype(f32), config.kl_type)
+        kl = kl_estimate(logp, jnp.where(on, ref_logp.astype(f32), 0.0), config.kl_type)
         metrics["kl_loss"] = aggregate(kl)
         metrics["kl"] = token_mean(kl)
         loss = loss + config.kl_coef * metrics["kl_loss"]
     if entropy is not None:
-        entropy = entropy.astype(f32)
+        entropy = jnp.where(on, entropy.astype(f32), 0.0)
         metrics["entropy_loss"] = aggregate(entropy)
         metrics["entropy"] = token_mean(entropy)
         loss = loss - config.entropy_coef * metrics["entropy_loss"]

@@ -215,18 +215,36 @@ def run_loop(
 
 
 def resume_or_start(config, abstract_state, batches, fresh: Callable[[], Any]):
-    """(state, checkpointer): the newest readable checkpoint of `checkpoint.dir` with its data position
-    restored into `batches`, else `fresh()`; the checkpointer is None when checkpoint.dir is unset."""
+    """(state, checkpointer): the newest usable checkpoint of `checkpoint.dir` with its data position
+    restored into `batches`, else `fresh()`; the checkpointer is None when checkpoint.dir is unset.
+
+    The directory is locked for this run (`Checkpointer.close` releases it) and the checkpoint's config must
+    match this one but for the keys `checkpoint.SAFE_TO_CHANGE` and `checkpoint.allow_config_change` permit.
+    """
     from xr_jax import checkpoint as ckpt_lib
+    from xr_jax.config import to_dict
 
     c = config.checkpoint
     if c.dir is None:
         return fresh(), None
-    checkpointer = ckpt_lib.Checkpointer(c.dir, keep=c.keep, every=c.every, async_save=c.async_save)
-    restored = checkpointer.restore(abstract_state)
+    checkpointer = ckpt_lib.Checkpointer(c.dir, keep=c.keep, every=c.every, async_save=c.async_save, lock=True)
+    try:
+        restored = checkpointer.restore(abstract_state, config=to_dict(config), defaults=to_dict(type(config)()),
+                                        allow=c.allow_config_change)
+    except BaseException:
+        checkpointer.close()  # releases the lock: the error ends this run
+        raise
     if restored is None:
         return fresh(), checkpointer
     if restored.data_state:
         batches.set_state(restored.data_state)
     log.info("resumed from %s step %d", checkpointer.directory, restored.step)
+    if restored.changed:
+        log.info("config changed since the checkpoint (allowed): %s", ckpt_lib.describe_changes(restored.changed))
+        o = config.optim
+        if {"train.steps", "train.epochs"} & set(restored.changed) and (
+                o.schedule in ("cosine", "linear") or (o.warmup_steps == 0 and o.warmup_ratio > 0)):
+            log.warning("the run's length changed: the %s schedule is recomputed over %d steps, so the learning "
+                        "rate from step %d on differs from the saved run's", o.schedule, config.total_steps,
+                        restored.step)
     return restored.state, checkpointer

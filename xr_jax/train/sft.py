@@ -236,8 +236,43 @@ def prompt_config(data):
     return pipeline.PromptConfig(template=data.prompt_template, system=data.system)
 
 
-def make_batches(config, model_cfg: ModelConfig, tokenizer=None):
-    """The process-local batch iterator named by `data.source` ("random" or a `sources.FORMATS` name)."""
+def image_config(data):
+    """The `images.ImageConfig` of a `DataSection` (resolution bounds of image rows)."""
+    from xr_jax.data import images
+
+    return images.ImageConfig(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+
+
+def sft_data_config(config, plan=None):
+    """The `pipeline.SFTConfig` of a run; `plan` (an `epochs.StepPlan`) sets the epochs (None: forever)."""
+    from xr_jax.data import pipeline
+
+    d, tr = config.data, config.train
+    return pipeline.SFTConfig(
+        max_len=tr.seq_len, batch_size=tr.batch_size, pack=d.pack, overflow=d.overflow, seed=tr.seed,
+        prompt=prompt_config(d), shuffle=d.shuffle, image=image_config(d),
+        num_epochs=None if plan is None else plan.num_epochs, epoch_batches=None if plan is None else plan.epoch_batches)
+
+
+def plan_steps(config, tokenizer=None):
+    """The run's `epochs.StepPlan`: fixed steps, or `train.epochs` counted on the data."""
+    from xr_jax.data import pipeline
+    from xr_jax.train import epochs
+
+    if config.data.source == "random" and config.total_steps is None:
+        raise ValueError("data.source 'random' has no epochs: set train.steps or train.steps_per_epoch")
+    cfg = sft_data_config(config)
+    settings = {"max_len": cfg.max_len, "overflow": cfg.overflow, "prompt": dataclasses.asdict(cfg.prompt),
+                "image": dataclasses.asdict(cfg.image)}
+    return epochs.plan_from_data(
+        config, "sft", lambda: make_source(config), tokenizer, settings,
+        lambda ex: pipeline.encode_sft(ex, tokenizer, cfg), "input_ids",
+        lambda table, n: pipeline.sft_epoch_batches(table, cfg, n, jax.process_count()))
+
+
+def make_batches(config, model_cfg: ModelConfig, tokenizer=None, plan=None):
+    """The process-local batch iterator named by `data.source` ("random" or a `sources.FORMATS` name) for the
+    epochs of `plan` (`plan_steps`; None: the data repeats without end)."""
     d, tr = config.data, config.train
     if d.source == "random":
         from xr_jax.data.random_tokens import RandomTokenBatches
@@ -249,10 +284,7 @@ def make_batches(config, model_cfg: ModelConfig, tokenizer=None):
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
                          f"{model_cfg.text.vocab_size}; use a matching tokenizer or set model.vocab_size")
-    source = make_source(config)
-    data_cfg = pipeline.SFTConfig(max_len=tr.seq_len, batch_size=tr.batch_size, pack=d.pack, seed=tr.seed,
-                                  prompt=prompt_config(d), shuffle=d.shuffle, num_epochs=None)
-    return iter(pipeline.sft_pipeline(source, tokenizer, data_cfg))
+    return iter(pipeline.sft_pipeline(make_source(config), tokenizer, sft_data_config(config, plan)))
 
 
 def export_final(config, model_cfg: ModelConfig, params, tokenizer=None) -> None:
@@ -281,7 +313,7 @@ def main(config) -> dict:
     """Run (or resume) SFT from a resolved `xr_jax.config.Config`; returns the last step's metrics."""
     from xr_jax.config import to_dict
     from xr_jax.models.qwen2_5_vl import init_params
-    from xr_jax.train import flops, loop, state as state_lib
+    from xr_jax.train import epochs, flops, loop, state as state_lib
 
     d = config.distributed
     parallel.initialize_distributed(d.initialize, d.coordinator, d.num_processes, d.process_id)
@@ -292,11 +324,12 @@ def main(config) -> dict:
     tr = config.train
     check_batch_layout(tr.batch_size, tr.microbatches, mesh, jax.process_count())
     frozen = ("visual",) if tr.freeze_vision and model_cfg.vision is not None else ()
-    tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps, tr.steps_per_epoch, frozen)
+    plan = plan_steps(config, tokenizer)
+    tx, schedule = state_lib.make_optimizer(config.optim, plan.schedule_steps, plan.epoch_steps, frozen)
     init_fn = lambda key: init_params(model_cfg, key)  # noqa: E731
     boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     shardings = state_lib.state_shardings(tx, boxed, mesh)
-    batches = make_batches(config, model_cfg, tokenizer)
+    batches = make_batches(config, model_cfg, tokenizer, plan)
     config_dict = to_dict(config)
 
     def fresh():
@@ -306,10 +339,10 @@ def main(config) -> dict:
 
     state, checkpointer = loop.resume_or_start(config, state_lib.abstract_state(init_fn, tx, shardings), batches, fresh)
 
-    step_fn = jit_train_step(
+    step_fn = epochs.with_data_metrics(jit_train_step(
         make_train_step(model_cfg, tx, schedule, microbatches=tr.microbatches, z_loss=tr.z_loss,
                         chunk=tr.loss_chunk, frozen=frozen, mesh=mesh, shardings=shardings),
-        mesh, shardings)
+        mesh, shardings), batches)
     peak = (tr.peak_flops or flops.peak_flops()) * mesh.size
     flops_fn = lambda b: flops.text_train_flops(  # noqa: E731
         model_cfg, float((np.asarray(b["segment_ids"]) > 0).sum()) * jax.process_count(), tr.seq_len) + (
@@ -319,7 +352,7 @@ def main(config) -> dict:
     try:
         with parallel.use_mesh(mesh):
             result = loop.run_loop(
-                state, step_fn, batches, total_steps=config.total_steps,
+                state, step_fn, batches, total_steps=plan.total,
                 put_batch=lambda b: device_batch(b, mesh, model_cfg),
                 logger=logger, checkpointer=checkpointer, config_dict=config_dict, nan_patience=tr.nan_patience,
                 flops_fn=flops_fn, peak_flops=peak, log_every=lg.every, progress=lg.progress,
