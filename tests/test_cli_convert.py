@@ -28,3 +28,24 @@ def test_convert_user_errors(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert cli.main(["convert", "--from", str(tmp_path), "--to-hf", str(tmp_path / "y")]) == 2
     assert "not an xr_jax model checkpoint" in capsys.readouterr().err
+
+
+def test_convert_carries_tokenizer_and_config_both_ways(tmp_path, capsys):
+    """--from-hf keeps the tokenizer, processor settings and config.json in assets/; --to-hf writes them
+    back (config dicts equal, files world-readable); --tokenizer puts another one in."""
+    import json
+
+    from tests.tiny_checkpoint import write_tiny_checkpoint
+    from xr_jax.data.tokenizer import load_tokenizer
+
+    src, ck, out, out2 = (str(tmp_path / n) for n in ("hf", "ckpt", "back", "back2"))
+    write_tiny_checkpoint(src)
+    assert cli.main(["convert", "--from-hf", src, "--to", ck]) == 0
+    assets = set(os.listdir(os.path.join(ck, convert.ASSETS_DIR)))
+    assert {"tokenizer.json", "config.json", "generation_config.json", "preprocessor_config.json"} <= assets
+    assert cli.main(["convert", "--from", ck, "--to-hf", out]) == 0
+    assert json.load(open(os.path.join(out, "config.json"))) == json.load(open(os.path.join(src, "config.json")))
+    assert all(os.stat(os.path.join(out, f)).st_mode & 0o044 == 0o044 for f in os.listdir(out))
+    assert load_tokenizer(out).encode("ab<|im_end|>") == [97, 98, 258]
+    assert cli.main(["convert", "--from", ck, "--to-hf", out2, "--tokenizer", "qwen2.5"]) == 0
+    assert load_tokenizer(out2).vocab_size == 151665  # the override's files, not the checkpoint's

@@ -48,11 +48,11 @@ def _blocked(t):
 
 # (case, argv(tmp, model) -> list, what the one line must say)
 CASES = [
-    ("unusable_data", lambda t, m: _sft(t, "data.source=gsm8k", f"data.path={GSM8K}", "data.tokenizer=tiny"),
+    ("unusable_data", lambda t, m: _sft(t, "data.source=gsm8k", f"data.path={GSM8K}", "model.tokenizer=tiny"),
      "skipped: prompt_too_long="),
     ("schema_empty_jsonl", lambda t, m: _sft(t, "data.source=gsm8k", f"data.path={_write(f'{t}/e.jsonl', '')}",
-                                             "data.tokenizer=tiny"), "found no JSON objects"),
-    ("schema_wrong_format", lambda t, m: _sft(t, "data.source=gsm8k", "data.tokenizer=tiny",
+                                             "model.tokenizer=tiny"), "found no JSON objects"),
+    ("schema_wrong_format", lambda t, m: _sft(t, "data.source=gsm8k", "model.tokenizer=tiny",
                                               f"data.path={_write(f'{t}/w.jsonl', json.dumps({'foo': 1}))}"),
      "does not look like gsm8k: expected fields ['question', 'answer']"),
     ("benchmark_format", lambda t, m: _eval(t, m, _write(f"{t}/b.jsonl", json.dumps({"q": "x"}))),
@@ -63,10 +63,10 @@ CASES = [
                                            f"eval.output_dir={t}/re"], "{t}/p.jsonl:1: not a prediction record"),
     ("preset_huge", lambda t, m: _sft(t, "model.preset=huge"), "unknown model preset 'huge' (model.preset)"),
     ("sft_without_tokenizer", lambda t, m: _sft(t, "data.source=gsm8k", f"data.path={GSM8K}"),
-     "data.tokenizer is needed with a preset model"),
+     "a preset model has no tokenizer of its own: set model.tokenizer"),
     ("grpo_without_tokenizer", lambda t, m: ["grpo", "--config", os.path.join(ROOT, "configs", "tiny_grpo.yaml"),
-                                             "data.tokenizer=null", f"logging.dir={t}/log"],
-     "GRPO needs a tokenizer: set data.tokenizer"),
+                                             "model.tokenizer=null", f"logging.dir={t}/log"],
+     "a preset model has no tokenizer of its own: set model.tokenizer"),
     ("permission_denied", lambda t, m: _sft(t, "checkpoint.dir=/sys/xr_jax_probe"),
      "checkpoint.dir '/sys/xr_jax_probe' is not writable"),
     ("checkpoint_dir_unwritable", lambda t, m: _sft(t, f"checkpoint.dir={_blocked(t)}"),

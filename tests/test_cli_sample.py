@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tiny_checkpoint import TINY, save_byte_tokenizer, tiny_vl_model
+from tests.tiny_checkpoint import TINY, tiny_vl_model
 from xr_jax import chat_sampling as cs
 from xr_jax import cli
 from xr_jax.data import images as images_lib
@@ -60,7 +60,7 @@ def tiny(tmp_path_factory):
     with torch.no_grad():
         model.lm_head.weight[S.im_end] = model.lm_head.weight[token] * 1.05
     model.save_pretrained(root / "hf")
-    save_byte_tokenizer(str(root / "hf"))
+    TINY.save_pretrained(str(root / "hf"))
     return types.SimpleNamespace(root=root, hf=str(root / "hf"), model=model, messages=str(messages))
 
 
@@ -78,6 +78,13 @@ def test_prompt_encoding_is_the_qwen_chat_with_expanded_image_pads(tiny):
                 + "<|image_pad|>" * n_pads + "<|vision_end|>What colour?<|im_end|>\n<|im_start|>assistant\n")
     assert list(prompt.ids) == TINY.encode(expected) and n_pads >= 4
     np.testing.assert_array_equal(prompt.grid_thw, grid)
+
+
+def test_system_flag_sets_the_system_message():
+    plain, chosen = cs.prompt_chat("2+2?"), cs.prompt_chat("2+2?", system="Answer in French.")
+    assert chosen.messages == ({"role": "system", "content": "Answer in French."}, plain.messages[0])
+    assert list(cs.encode_chat(TINY, chosen.messages, ()).ids) == TINY.encode(
+        "<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_greedy_messages_match_transformers_generate(tiny, capsys):
@@ -136,6 +143,8 @@ def test_sampling_forced_exit_checkpoint_and_tokenizer_flag(tiny, tmp_path, caps
     ("answer_without_think", "--max-answer needs --max-think"),
     ("no_model", "is not a checkpoint directory"),
     ("tokenizer_too_big", "outside the vocabulary"),
+    ("system_with_messages", "--system goes with --prompt"),
+    ("unknown_tokenizer", "--tokenizer: unknown tokenizer 'qwen9'"),
 ])
 def test_user_errors_exit_2_with_one_line(tiny, tmp_path, capsys, case, message):
     files = {"bad": '{"messages": [{"role": "user", "content": "hi"}]}\n{oops\n', "no_messages": '{"prompt": "hi"}\n',
@@ -153,6 +162,8 @@ def test_user_errors_exit_2_with_one_line(tiny, tmp_path, capsys, case, message)
         "answer_without_think": [*base, "--prompt", "hi", "--max-answer", "3"],
         "no_model": ["sample", "--model", str(tmp_path / "nope"), "--prompt", "hi"],
         "tokenizer_too_big": [*base, "--prompt", "hi", "--tokenizer", "qwen2.5"],
+        "system_with_messages": [*base, "--messages", tiny.messages, "--system", "x"],
+        "unknown_tokenizer": [*base, "--prompt", "hi", "--tokenizer", "qwen9"],
     }[case]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

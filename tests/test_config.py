@@ -40,6 +40,7 @@ def test_yaml_plus_overrides_are_typed_and_round_trip():
     ("grpo.rewards=[{name: math}, {name: math, weight: 2}]", "config key 'grpo.rewards' names a reward twice"),
     ("grpo.rewards=[]", "config key 'grpo.rewards' is empty"),
     ("grpo.rewards=[{name: math, weight: .inf}]", "config key 'grpo.rewards[0].weight' must be a finite number"),
+    ("data.tokenizer=tiny", "unknown config key 'data.tokenizer' (it is now 'model.tokenizer')"),
 ])
 def test_bad_keys_and_values_fail_naming_the_key(override, message):
     with pytest.raises(C.ConfigError) as e:

@@ -95,7 +95,7 @@ def test_run_config_sets_prompt_template_and_system_message():
     from xr_jax.train import grpo, sft
 
     tok = load_tokenizer("tiny")
-    base = ["data.source=synthetic", "data.tokenizer=tiny", "data.synthetic.num_examples=4", "data.pack=false",
+    base = ["data.source=synthetic", "model.tokenizer=tiny", "data.synthetic.num_examples=4", "data.pack=false",
             "data.shuffle=false", "train.batch_size=2", "train.seq_len=256", "train.steps=1", "data.prompt_template=think"]
     for system, expected in ((None, templates.DEFAULT_SYSTEM_MESSAGE), ("", "")):
         cfg = config_lib.load(None, base + ([] if system is None else [f"data.system={system}"]))

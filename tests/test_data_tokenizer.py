@@ -108,6 +108,22 @@ def test_checkpoint_directory_tokenizer(tmp_path, ours, reference):
     assert hf.apply_chat_template(messages) == ours.apply_chat_template(messages)
 
 
+@pytest.mark.parametrize("name", ["qwen2.5", "tiny"])
+def test_builtin_tokenizers_save_as_real_files_with_the_same_ids(tmp_path, name):
+    """What an export of a preset model carries: transformers loads the files and gives the built-in's ids."""
+    from transformers import AutoTokenizer
+
+    builtin = T.load_tokenizer(name)
+    builtin.save_pretrained(str(tmp_path))
+    saved, hf = T.load_tokenizer(str(tmp_path)), AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = templates.build_messages("Q?", n_images=1, response="<think>x</think>A", system="Be brief.")
+    for text in _corpus()[::7] + [builtin.apply_chat_template(messages)]:
+        assert saved.encode(text) == builtin.encode(text) == hf.encode(text, add_special_tokens=False)
+    assert saved.special == builtin.special and saved.vocab_size == builtin.vocab_size == len(hf)
+    assert saved.apply_chat_template(messages) == builtin.apply_chat_template(messages)
+    assert saved.decode(builtin.encode("a <|im_end|>b"), skip_special_tokens=True) == "a b"
+
+
 def test_tiny_tokenizer_id_map():
     tiny = T.load_tokenizer("tiny")
     assert tiny.vocab_size == 278

@@ -32,7 +32,7 @@ def src():
 
 def _config(tmp_path, *extra):
     return config_lib.load(None, [
-        "data.source=gsm8k", f"data.path={FIXTURE}", "data.tokenizer=qwen2.5", "train.epochs=4", "train.batch_size=2",
+        "data.source=gsm8k", f"data.path={FIXTURE}", "model.tokenizer=qwen2.5", "train.epochs=4", "train.batch_size=2",
         "train.seq_len=384", f"logging.dir={tmp_path}", "optim.schedule=step_decay", f"optim.lr={LR}", *extra])
 
 
@@ -105,7 +105,7 @@ def test_resume_mid_epoch_keeps_the_epoch_and_the_schedule(tmp_path, tok, src):
 def test_sft_main_resumed_mid_epoch_logs_the_epochs_and_decays_on_time(tmp_path):
     """The trainer end to end: stopped by `train.steps` inside epoch 2, resumed for both epochs; every
     step's logged epoch and lr follow the counted plan, and the truncation counters are in metrics.jsonl."""
-    base = ["data.source=gsm8k", f"data.path={FIXTURE}", "data.tokenizer=tiny", "train.epochs=2", "train.seq_len=1024",
+    base = ["data.source=gsm8k", f"data.path={FIXTURE}", "model.tokenizer=tiny", "train.epochs=2", "train.seq_len=1024",
             "train.batch_size=4", "mesh.shape=[1,1,1]", "train.loss_chunk=256", "optim.schedule=step_decay", "optim.lr=1e-3", "optim.warmup_steps=0",
             f"logging.dir={tmp_path}", "logging.progress=false", f"checkpoint.dir={tmp_path / 'ckpt'}",
             "checkpoint.every=100", "checkpoint.async_save=false"]
@@ -212,7 +212,7 @@ def test_counted_epochs_match_the_pipeline_in_every_mode(tok, src, overflow, pac
 def test_grpo_epochs_count_usable_prompts_and_warm_up_over_all_epochs(tmp_path, tok, src):
     budget = 150
     cfg = config_lib.load("configs/x_reasoner_grpo.yaml", [
-        "data.source=gsm8k", f"data.path={FIXTURE}", "data.tokenizer=qwen2.5", "train.batch_size=4",
+        "data.source=gsm8k", f"data.path={FIXTURE}", "model.tokenizer=qwen2.5", "train.batch_size=4",
         f"grpo.max_prompt_len={budget}", f"logging.dir={tmp_path}", "grpo.minibatches=2"])
     assert cfg.train.epochs == 3 and cfg.total_steps is None
     plan = grpo.plan_steps(cfg, tok)
@@ -229,7 +229,7 @@ def test_grpo_epochs_count_usable_prompts_and_warm_up_over_all_epochs(tmp_path, 
     assert float(schedule(warmup)) == pytest.approx(cfg.optim.lr) and float(schedule(warmup - 1)) < cfg.optim.lr
     # train.steps stops the run early but keeps the schedule of the 3 epochs
     capped = grpo.plan_steps(config_lib.load("configs/x_reasoner_grpo.yaml", [
-        "data.source=gsm8k", f"data.path={FIXTURE}", "data.tokenizer=qwen2.5", "train.batch_size=4",
+        "data.source=gsm8k", f"data.path={FIXTURE}", "model.tokenizer=qwen2.5", "train.batch_size=4",
         f"grpo.max_prompt_len={budget}", f"logging.dir={tmp_path}", "train.steps=2"]), tok)
     assert capped.total == 2 and capped.schedule_steps == plan.total
 

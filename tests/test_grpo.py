@@ -10,7 +10,7 @@ from tests import grpo_rewards  # noqa: F401  (registers the test rewards)
 from xr_jax import config as config_lib
 from xr_jax.train import grpo
 
-TASK = ["data.tokenizer=tiny", "data.source=synthetic", "data.synthetic.max_steps=1", "data.synthetic.max_operand=3",
+TASK = ["model.tokenizer=tiny", "data.source=synthetic", "data.synthetic.max_steps=1", "data.synthetic.max_operand=3",
         "logging.progress=false"]
 
 
@@ -83,7 +83,7 @@ def test_med_grpo_config_runs_one_step_on_medqa(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = config_lib.load(os.path.join(root, "configs", "x_reasoner_med_grpo.yaml"), [
         "model.preset=tiny", "model.vocab_size=null", "model.dtype=float32", "model.remat=none", "mesh.shape=[-1,1,1]",
-        "data.tokenizer=tiny", f"data.path={root}/tests/fixtures/data/medqa", "train.steps=1", "train.batch_size=8",
+        "model.tokenizer=tiny", f"data.path={root}/tests/fixtures/data/medqa", "train.steps=1", "train.batch_size=8",
         "grpo.group_size=2", "grpo.max_new_tokens=8", "grpo.microbatches=1", "grpo.max_prompt_len=640",
         f"logging.dir={tmp_path}", "logging.progress=false"])
     assert (cfg.data.source, config_lib.to_dict(cfg.grpo.rewards), cfg.grpo.old_logprobs, cfg.grpo.dual_clip) == (

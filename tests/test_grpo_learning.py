@@ -22,7 +22,7 @@ from xr_jax import config as config_lib
 from xr_jax.rewards import RewardPool
 from xr_jax.train import grpo, sft
 
-TASK = ["data.tokenizer=tiny", "data.source=synthetic", "data.synthetic.max_steps=1", "data.synthetic.max_operand=2",
+TASK = ["model.tokenizer=tiny", "data.source=synthetic", "data.synthetic.max_steps=1", "data.synthetic.max_operand=2",
         "data.synthetic.tasks=[text-direct]", "data.prompt_template=plain", "optim.schedule=constant", "logging.progress=false"]
 STEPS = 16  # rollout steps
 MARGIN = 0.1  # held-out sampled reward after GRPO minus before must exceed this

@@ -45,7 +45,7 @@ def test_qwen2_text_load_matches_and_round_trips(text_ckpt, tmp_path):
     want = ref.hf_logits(model, ids, np.ones_like(ids))
     np.testing.assert_allclose(_text_logits(cfg, params, ids), want, atol=1e-5)
     out = str(tmp_path / "export")
-    hf.save_hf(params, cfg, out, source_dir=path)
+    hf.save_hf(params, cfg, out)
     src, dst = _all_tensors(path), _all_tensors(out)
     assert set(dst) == set(src) - {"lm_head.weight"}  # tied: lm_head not written
     for k in dst:
@@ -113,3 +113,23 @@ def test_errors_name_the_problem(text_ckpt, tmp_path):
     wrong = _broken_copy(path, str(tmp_path / "shape"), shrink)
     with pytest.raises(hf.CheckpointError, match=r"model.layers.0.mlp.up_proj.weight has shape \(2, 64, 100\).*needs \(2, 64, 128\)"):
         hf.load_hf(wrong)
+
+
+def test_config_round_trips_keep_every_key(tmp_path):
+    """A text model keeps its image ids and M-RoPE sections through HF (268 stays 268), and an export's
+    config.json is the source's dict with only what changed written, where the source keeps it."""
+    from xr_jax.models import presets
+
+    cfg = presets.preset("tiny").replace(image_token_id=268, video_token_id=269, vision_start_token_id=265,
+                                         vision_end_token_id=266)
+    assert cfg.vision is None and cfg.text.mrope_section is not None
+    assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+    ref.tiny_vl(seed=1).save_pretrained(str(tmp_path))
+    source = json.load(open(tmp_path / "config.json"))
+    vl = hf.config_from_hf(source)
+    assert hf.hf_config(vl, source, source.get("dtype", "float32")) == source
+    changed = hf.hf_config(vl.replace(text=vl.text.__class__(**{**vl.text.__dict__, "vocab_size": 96})), source,
+                           "bfloat16")
+    assert changed["text_config"]["vocab_size"] == 96 and "vocab_size" not in changed
+    rest = lambda d: {k: v for k, v in d.items() if k not in ("text_config", "dtype")}  # noqa: E731
+    assert changed["dtype"] == "bfloat16" and rest(changed) == rest(source)

@@ -138,7 +138,7 @@ def test_vl_checkpoint_round_trip_bit_exact_and_reloadable(vl, tmp_path):
     cfg, params = hf.load_hf(src)
     assert cfg.vision is not None and cfg.text.mrope_section == (2, 3, 3) and cfg.image_token_id == 60
     out = str(tmp_path / "out")
-    hf.save_hf(params, cfg, out, source_dir=src)
+    hf.save_hf(params, cfg, out)  # no source config: the flat hub style
     a, b = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
     assert set(a) == set(b)
     for k in a:

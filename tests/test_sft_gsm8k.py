@@ -11,7 +11,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "data", "gsm8k_tes
 
 def test_loss_goes_down_on_gsm8k(tmp_path):
     cfg = config_lib.load("configs/tiny_sft.yaml", [
-        "data.source=gsm8k", f"data.path={FIXTURE}", "data.tokenizer=tiny", "train.seq_len=1024",
+        "data.source=gsm8k", f"data.path={FIXTURE}", "model.tokenizer=tiny", "train.seq_len=1024",
         "train.batch_size=8", "train.steps=12", "train.loss_chunk=256", "optim.lr=3e-3", "optim.warmup_steps=1",
         f"logging.dir={tmp_path}", "logging.progress=false", f"checkpoint.dir={tmp_path / 'ckpt'}",
         "checkpoint.every=100",

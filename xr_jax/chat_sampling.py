@@ -65,10 +65,13 @@ def chat_images(messages: Sequence[dict], name: str, base_dir: Optional[str] = N
     return tuple(images)
 
 
-def prompt_chat(text: str, images: Sequence[str] = ()) -> Chat:
-    """A single user turn: the images first, then the text (as in the Qwen2.5-VL model card)."""
+def prompt_chat(text: str, images: Sequence[str] = (), system: Optional[str] = None) -> Chat:
+    """A single user turn: the images first, then the text (as in the Qwen2.5-VL model card); `system` is
+    the system message (None: the chat template's default)."""
     content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}]
     messages = ({"role": "user", "content": content if images else text},)
+    if system is not None:
+        messages = ({"role": "system", "content": system},) + messages
     return Chat(messages, chat_images(messages, "--prompt"), "--prompt")
 
 
@@ -164,21 +167,3 @@ def sample_chats(
                     start + p, g, ids, tokenizer.decode(ids, skip_special_tokens=True), names[r],
                     bool(np.asarray(out.forced[r]).any())))
             yield records
-
-
-def load_tokenizer_for(model_path: str, tokenizer: Optional[str] = None):
-    """`tokenizer` (a name or dir) if given, else the checkpoint's own: `<dir>/assets` of an xr_jax
-    checkpoint, the directory itself for a Hugging Face one."""
-    from xr_jax import convert
-    from xr_jax.data.tokenizer import load_tokenizer
-
-    if tokenizer is not None:
-        try:
-            return load_tokenizer(tokenizer)
-        except ValueError as e:
-            raise ChatError(str(e)) from None
-    source = os.path.join(model_path, convert.ASSETS_DIR) if convert.is_model_checkpoint(model_path) else model_path
-    if not any(os.path.isfile(os.path.join(source, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise ChatError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {source!r}; "
-                        "pass --tokenizer NAME_OR_DIR (e.g. qwen2.5 or tiny)")
-    return load_tokenizer(source)

@@ -12,19 +12,23 @@ def _convert(args: argparse.Namespace) -> None:
 
     if bool(args.from_hf) == bool(args.from_ckpt):
         raise SystemExit("xr-jax convert: give exactly one of --from-hf HF_DIR or --from CKPT")
+    source = args.from_hf or args.from_ckpt
+    tokenizer = None if args.tokenizer is None else convert.load_tokenizer_for(source, args.tokenizer, "--tokenizer")
     if args.from_hf:
         if not args.to:
             raise SystemExit("xr-jax convert --from-hf needs --to OUT_DIR")
-        cfg = convert.hf_to_xr(args.from_hf, args.to, dtype=args.dtype)
+        cfg = convert.hf_to_xr(args.from_hf, args.to, dtype=args.dtype, tokenizer=tokenizer)
         print(f"wrote xr_jax checkpoint {args.to} ({'Qwen2.5-VL' if cfg.vision else 'Qwen2'}, {cfg.text.num_layers} layers)")
     else:
         if not args.to_hf:
             raise SystemExit("xr-jax convert --from needs --to-hf OUT_DIR")
-        convert.xr_to_hf(args.from_ckpt, args.to_hf)
+        convert.xr_to_hf(args.from_ckpt, args.to_hf, tokenizer=tokenizer)
         print(f"wrote Hugging Face checkpoint {args.to_hf}")
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
+TOKENIZER_HELP = ('"qwen2.5", "tiny" or a tokenizer dir (default: the checkpoint\'s own: <dir>/assets of an xr_jax '
+                  'checkpoint, the HF dir itself; configs spell it model.tokenizer)')
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +37,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="from_ckpt", help="xr_jax checkpoint directory")
     p.add_argument("--to-hf", help="output Hugging Face directory (with --from)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="cast params (default: as stored)")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP + "; written into the output")
 
 
 COMMANDS["convert"] = ("HF checkpoint <-> xr_jax checkpoint (both directions, bit-exact)", _convert_args, _convert)
@@ -74,13 +79,15 @@ COMMANDS["grpo"] = ("GRPO with verifiable rewards, stage 2 (`--config FILE key.s
 # ----------------------------------------------------------------------------- sample
 
 SAMPLE_EPILOG = """\
-The prompt is a chat: --prompt TEXT (one user turn, --image files shown before the text) or --messages
+The prompt is a chat: --prompt TEXT (one user turn, --image files shown before the text, --system TEXT the
+system message: give the data.system a model was trained with) or --messages
 FILE.jsonl, one {"messages": [...]} per line in the transformers chat format, where content is a string or
 a list of {"type": "text", "text": ...} and {"type": "image", "image": PATH} items (relative image paths
 are taken from the file's folder). The chat template (the checkpoint's, else the built-in Qwen2.5-VL one)
 is applied with the assistant generation prompt, and each image's <|image_pad|> is expanded to its patch
 count. The tokenizer comes from the checkpoint (<dir>, or <dir>/assets of an xr_jax checkpoint) unless
---tokenizer names one ("qwen2.5", "tiny" or a directory).
+--tokenizer names one ("qwen2.5", "tiny" or a directory). A prompt longer than the model's positions
+(max_position_embeddings) is refused.
 
 Decoding stops at <|im_end|> or <|endoftext|>. --max-think K turns on forced exit: a sample that has not
 written </think> within K tokens gets "</think>" appended there, then up to --max-answer more tokens
@@ -110,6 +117,8 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", help="the user's message (one conversation)")
     src.add_argument("--messages", metavar="FILE.jsonl", help='conversations, one {"messages": [...]} per line')
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image for --prompt (repeatable)")
+    p.add_argument("--system", metavar="TEXT", help="the system message for --prompt (default: the chat template's, "
+                   '"You are a helpful assistant."); use the one the model was trained with (data.system)')
     how = p.add_mutually_exclusive_group()
     how.add_argument("--greedy", action="store_true", help="argmax decoding")
     how.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
@@ -119,7 +128,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-answer", type=int, help="tokens after the forced </think> (with --max-think; default 256)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
-    p.add_argument("--tokenizer", help='"qwen2.5", "tiny" or a tokenizer dir (default: the checkpoint\'s)')
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="cast params and compute (default: as stored)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", metavar="OUT.jsonl", help="write the samples here (required with --messages)")
@@ -129,6 +138,7 @@ def _sample(args: argparse.Namespace) -> None:
     import os
 
     from xr_jax import chat_sampling as cs
+    from xr_jax import convert
 
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r} is not a checkpoint directory")
@@ -142,12 +152,14 @@ def _sample(args: argparse.Namespace) -> None:
         raise cs.ChatError("--top-p has no effect with --greedy")
     if args.num_samples < 1 or args.batch_size < 1:
         raise cs.ChatError(f"--num-samples ({args.num_samples}) and --batch-size ({args.batch_size}) must be >= 1")
+    if args.system is not None and args.messages:
+        raise cs.ChatError("--system goes with --prompt; with --messages put a system message in the conversations")
     if args.output:
         from xr_jax.errors import check_writable_file
 
         check_writable_file(args.output, "--output")
-    chats = cs.read_chats(args.messages) if args.messages else [cs.prompt_chat(args.prompt, args.image)]
-    tokenizer = cs.load_tokenizer_for(args.model, args.tokenizer)
+    chats = cs.read_chats(args.messages) if args.messages else [cs.prompt_chat(args.prompt, args.image, args.system)]
+    tokenizer = convert.load_tokenizer_for(args.model, args.tokenizer, "--tokenizer")
     sampler, params = _build_sampler(args, tokenizer)
     single = args.prompt is not None
     out = open(args.output, "w", encoding="utf-8") if args.output else None
@@ -208,7 +220,8 @@ COMMANDS["sample"] = ("generate from a checkpoint: chat prompts (text + images),
 
 EVAL_EPILOG = """\
 Runs the benchmarks of the config's `eval` section (xr_jax.evaluation.EvalSection) on the model of
-`model.path` (a Hugging Face or xr_jax checkpoint; its tokenizer is the checkpoint's own) on the
+`model.path` (a Hugging Face or xr_jax checkpoint; its tokenizer is the checkpoint's own unless
+model.tokenizer names one: "qwen2.5", "tiny" or a directory) on the
 `mesh.shape` mesh, with the paper's protocol: its prompt templates, greedy decoding (or eval.protocol=sampling
 for avg/maj/pass@k), responses capped at eval.max_tokens with forced exit. A progress bar per benchmark;
 at the end the table is printed and eval.output_dir gets predictions.jsonl (every response with what

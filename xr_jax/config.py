@@ -35,10 +35,15 @@ class ConfigError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    """path: a Hugging Face checkpoint dir (weights are loaded); else `preset` names a random-init shape
-    (see `xr_jax.models.presets`); vocab_size overrides the preset's (to fit a tokenizer). The other fields are runtime choices (`ModelConfig` documents them)."""
+    """path: a Hugging Face checkpoint dir or an xr_jax checkpoint (weights are loaded); else `preset` names a
+    random-init shape (see `xr_jax.models.presets`); vocab_size overrides the preset's (to fit a tokenizer).
+    tokenizer: None uses the checkpoint's own (an xr_jax checkpoint's `assets/`, a HF dir itself); else
+    "qwen2.5" (built-in exact Qwen2.5), "tiny" (byte-level demo tokenizer) or a tokenizer directory; a preset
+    model needs it. Exports carry the tokenizer used. The other fields are runtime choices (`ModelConfig`
+    documents them)."""
 
     path: Optional[str] = None
+    tokenizer: Optional[str] = None
     preset: str = "tiny"
     vocab_size: Optional[int] = None
     dtype: DType = "float32"
@@ -76,7 +81,6 @@ class DataSection:
     pack: bool = True
     overflow: Literal["truncate", "drop", "chunk"] = "truncate"
     shuffle: bool = True
-    tokenizer: Optional[str] = None
     min_pixels: int = images_lib.DEFAULT_MIN_PIXELS
     max_pixels: int = images_lib.DEFAULT_MAX_PIXELS
     cache_dir: Optional[str] = None
@@ -386,6 +390,10 @@ def _coerce(tp, value, key: str):
     return value
 
 
+# Keys that moved: the error names the new spelling.
+RENAMED = {"data.tokenizer": "model.tokenizer"}
+
+
 def from_dict(cls, data: Optional[dict], prefix: str = ""):
     """Build dataclass `cls` from a nested dict; unknown keys, keys in `cls.REPLACED`, missing required keys and
     wrong types raise `ConfigError`."""
@@ -404,6 +412,8 @@ def from_dict(cls, data: Optional[dict], prefix: str = ""):
             near = difflib.get_close_matches(str(name), list(fields), n=1)
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else (
                 f" (known keys: {', '.join(fields)})")
+            if key in RENAMED:
+                hint = f" (it is now '{RENAMED[key]}')"
             raise ConfigError(f"unknown config key '{key}'{hint}")
         kwargs[name] = _coerce(hints[name], value, key)
     for f in fields.values():

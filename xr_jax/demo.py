@@ -41,7 +41,7 @@ FULL = DemoSize(base_steps=800, sft_steps=100, grpo_steps=12, eval_problems=64)
 QUICK = DemoSize(base_steps=12, sft_steps=20, grpo_steps=2, eval_problems=16)
 
 IMAGE_SIZE = (56, 112)  # 4 x 8 patches, 8 image tokens: short rows, so the base stage sees many examples
-TASK = ["data.tokenizer=tiny", "data.source=synthetic", "data.synthetic.max_steps=1", "data.synthetic.max_operand=3",
+TASK = ["model.tokenizer=tiny", "data.source=synthetic", "data.synthetic.max_steps=1", "data.synthetic.max_operand=3",
         f"data.synthetic.image_size=[{IMAGE_SIZE[0]},{IMAGE_SIZE[1]}]", "data.system=", "optim.schedule=constant",
         # The vision tower stays at its random init in every stage, standing in for a pre-trained encoder: trained
         # from scratch in the base stage (lr 2e-3) its outputs collapsed to one vector for every image.

@@ -92,21 +92,19 @@ class ModelGenerator:
     def from_config(cls, config) -> "ModelGenerator":
         """The model of `config.model.path` (a HF directory or an xr_jax checkpoint) on `config.mesh`'s mesh.
 
-        The tokenizer comes from the checkpoint (its `assets/` folder for an xr_jax checkpoint).
+        The tokenizer is `model.tokenizer`, else the checkpoint's own (its `assets/` folder for an xr_jax
+        checkpoint).
         """
-        import os
-
         from xr_jax import convert, parallel
-        from xr_jax.data.tokenizer import load_tokenizer
 
         m = config.model
         if not getattr(m, "path", None):
             raise ValueError("set model.path to the checkpoint directory to evaluate")
+        # the tokenizer first: a missing one fails before the weights load
+        tokenizer = convert.load_tokenizer_for(m.path, getattr(m, "tokenizer", None), "model.tokenizer")
         mesh = parallel.make_mesh(tuple(config.mesh.shape))
         runtime = {k: getattr(m, k) for k in ("scan_layers", "remat", "attention") if hasattr(m, k)}
         model_cfg, params = convert.load_any(m.path, mesh, cast=getattr(m, "param_dtype", None), **runtime)
         if hasattr(m, "dtype"):
             model_cfg = model_cfg.replace(dtype=m.dtype)
-        assets = os.path.join(m.path, convert.ASSETS_DIR)
-        tokenizer = load_tokenizer(assets if convert.is_model_checkpoint(m.path) else m.path)
         return cls(model_cfg, params, tokenizer, mesh=mesh, image_config=config.eval.image_config())

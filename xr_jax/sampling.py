@@ -35,6 +35,7 @@ import numpy as np
 
 from xr_jax import parallel
 from xr_jax.byte_match import ByteMatcher
+from xr_jax.errors import UserError
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2 import CACHE_AXES, init_cache
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL, check_image_tokens, get_rope_index
@@ -181,6 +182,10 @@ def bucket(n: int, buckets: Sequence[int], what: str) -> int:
     raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]} (buckets {tuple(buckets)})")
 
 
+class PromptTooLong(UserError):
+    """A prompt with more tokens than the model has positions: refused, as the model never saw such positions."""
+
+
 def prepare_prompts(prompts: Sequence[Prompt], cfg: ModelConfig, scfg: SamplingConfig, min_length: int = 0) -> PromptBatch:
     """Left-pad prompts into a bucket (at least `min_length`), compute M-RoPE positions, pack and pad image patches."""
     if not prompts:
@@ -189,6 +194,10 @@ def prepare_prompts(prompts: Sequence[Prompt], cfg: ModelConfig, scfg: SamplingC
     for i, (r, p) in enumerate(zip(rows, prompts)):
         if len(r) == 0:
             raise ValueError(f"prompt {i} is empty")
+        if len(r) > cfg.text.max_position_embeddings:
+            raise PromptTooLong(
+                f"a prompt has {len(r)} tokens but the model has {cfg.text.max_position_embeddings} positions "
+                "(max_position_embeddings): shorten it or use a model with more positions")
         if r.min() < 0 or r.max() >= cfg.text.vocab_size:
             raise ValueError(f"prompt {i} has token ids outside [0, {cfg.text.vocab_size})")
         if (p.pixel_values is None) != (p.grid_thw is None):

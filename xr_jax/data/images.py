@@ -65,6 +65,19 @@ class ImageConfig:
     def patch_dim(self) -> int:
         return 3 * self.temporal_patch_size * self.patch_size**2
 
+    def preprocessor_config(self) -> dict:
+        """These settings as a Hugging Face `preprocessor_config.json` (Qwen2VLImageProcessor, as the released
+        checkpoints carry it): what an export of a model without one writes, so that AutoProcessor loads."""
+        return {
+            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+            "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "do_convert_rgb": True, "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+            "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
+            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+        }
+
 
 def smart_resize(
     height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 12845056

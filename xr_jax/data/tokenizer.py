@@ -16,8 +16,11 @@
 
 All three have ``encode(text) -> list[int]`` (special-token strings in the text become their ids; nothing
 is added), ``decode(ids) -> str``, ``apply_chat_template(messages, add_generation_prompt=False) -> str``,
-``special`` (a `SpecialIds`), ``vocab_size`` and ``token_bytes(id) -> bytes`` (the sampler detects
-``</think>`` on bytes: in Qwen2.5 it is three context-dependent BPE tokens, not one id).
+``special`` (a `SpecialIds`), ``vocab_size``, ``token_bytes(id) -> bytes`` (the sampler detects
+``</think>`` on bytes: in Qwen2.5 it is three context-dependent BPE tokens, not one id) and
+``save_pretrained(dir)``: Hugging Face tokenizer files with the chat template, so that a checkpoint carries its
+tokenizer and transformers' ``AutoTokenizer`` loads it (the built-in ones are written as real byte-level BPE
+files that give the same ids).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import unicodedata
 from typing import Any, Iterable, Optional, Sequence
 
@@ -47,6 +51,11 @@ QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 TINY_FIRST_ADDED_ID = 256
+# A checkpoint's tokenizer files (the chat template included): what `save_pretrained` writes or copies.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +181,41 @@ class Tokenizer:
         """The Qwen2.5-VL chat template (one `<|image_pad|>` per image; see `templates.expand_image_pads`)."""
         return templates.render_chat(messages, add_generation_prompt=add_generation_prompt)
 
+    def _vocab_merges(self) -> tuple[dict[str, int], list]:
+        """The byte-level BPE vocabulary (GPT-2 byte stand-ins -> id) and merges that give this tokenizer's ids."""
+        raise NotImplementedError
+
+    def to_transformers(self):
+        """The same tokenizer as a transformers `Qwen2TokenizerFast` (`qwen_fast_tokenizer`)."""
+        return qwen_fast_tokenizer(*self._vocab_merges())
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """Write Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, chat template) to `out_dir`."""
+        self.to_transformers().save_pretrained(out_dir)
+
+
+def qwen_fast_tokenizer(vocab: dict[str, int], merges: list):
+    """A transformers `Qwen2TokenizerFast` over a byte-level BPE `vocab` / `merges`, laid out as Qwen2.5's: NFC,
+    the Qwen2 pre-tokenisation regex, the 22 added tokens right after the vocabulary in Qwen order (the first
+    14 special), eos `<|im_end|>`, pad `<|endoftext|>`, and the Qwen2.5-VL chat template."""
+    from tokenizers import Regex, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]  # tokenizer.json spellings
+    backend = Backend(models.BPE(vocab=vocab, merges=merges))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(QWEN2_5_ADDED_TOKENS[:14]))
+    backend.add_tokens(list(QWEN2_5_ADDED_TOKENS[14:]))
+    tok = Qwen2TokenizerFast(
+        tokenizer_object=backend, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=list(QWEN2_5_ADDED_TOKENS[:14]))
+    tok.chat_template = templates.QWEN2_5_VL_CHAT_TEMPLATE
+    return tok
+
 
 class QwenTokenizer(Tokenizer):
     """The exact Qwen2.5 tokenizer from the BPE ranks, run by tiktoken (fast, no files beyond the package)."""
@@ -181,7 +225,7 @@ class QwenTokenizer(Tokenizer):
     def __init__(self, ranks_path: Optional[str] = None):
         import tiktoken
 
-        path = ranks_path or qwen_ranks_path()
+        path = self._ranks_path = ranks_path or qwen_ranks_path()
         ranks = read_tiktoken_ranks(path)
         if len(ranks) != QWEN2_5_NUM_RANKS:
             raise ValueError(f"{path} has {len(ranks)} ranks; the Qwen2.5 vocabulary has {QWEN2_5_NUM_RANKS}")
@@ -197,6 +241,12 @@ class QwenTokenizer(Tokenizer):
 
     def _ordinary_bytes(self, token_id: int) -> bytes:
         return self._enc.decode_single_token_bytes(token_id)
+
+    def _vocab_merges(self) -> tuple[dict[str, int], list]:
+        """transformers' own tiktoken -> BPE conversion of the same ranks (a few seconds)."""
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        return TikTokenConverter(vocab_file=self._ranks_path).extract_vocab_merges_from_model(self._ranks_path)
 
 
 class ByteTokenizer(Tokenizer):
@@ -214,6 +264,10 @@ class ByteTokenizer(Tokenizer):
 
     def _ordinary_bytes(self, token_id: int) -> bytes:
         return bytes([token_id])
+
+    def _vocab_merges(self) -> tuple[dict[str, int], list]:
+        byte_to_char = {b: c for c, b in _byte_decoder().items()}
+        return {byte_to_char[b]: b for b in range(256)}, []
 
 
 @functools.lru_cache(maxsize=1)
@@ -240,7 +294,7 @@ class HFTokenizer:
     def __init__(self, path: str):
         from transformers import AutoTokenizer
 
-        self.name = os.path.abspath(path)
+        self.name = self.path = os.path.abspath(path)
         self.hf = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         self.vocab_size = len(self.hf)
         self.chat_template = self.hf.chat_template or _read_chat_template_file(path)
@@ -270,6 +324,13 @@ class HFTokenizer:
             return bytes(decoder[c] for c in token)
         except KeyError as e:
             raise ValueError(f"token {token_id} ({token!r}) of {self.name} is not byte-level BPE") from e
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """Copy the checkpoint's tokenizer files (as they are: nothing is re-serialised) to `out_dir`."""
+        os.makedirs(out_dir, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(self.path, name)):
+                shutil.copyfile(os.path.join(self.path, name), os.path.join(out_dir, name))
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         if self.chat_template is None:

@@ -8,9 +8,9 @@ into its sharding (`jax.make_array_from_callback`), so the whole model never sit
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import shutil
 from collections import defaultdict
 from typing import Any, Callable, Mapping, Optional
 
@@ -27,11 +27,10 @@ from xr_jax.errors import UserError
 
 VL_ARCH = "Qwen2_5_VLForConditionalGeneration"
 TEXT_ARCH = "Qwen2ForCausalLM"
-# Files a checkpoint carries besides the weights; copied on export so the result is usable as is.
-SIDE_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-    "generation_config.json", "video_preprocessor_config.json",
+# Files besides the weights, the config and the tokenizer's (`tokenizer.TOKENIZER_FILES`) that a checkpoint
+# carries: processor and generation settings, copied on export so that the result is usable as is.
+PROCESSOR_FILES = (
+    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json", "generation_config.json",
 )
 
 
@@ -46,7 +45,8 @@ def _rope(d: Mapping[str, Any]) -> tuple[float, Optional[tuple[int, ...]]]:
     rp = d.get("rope_parameters") or {}
     rs = d.get("rope_scaling") or {}
     theta = rp.get("rope_theta", d.get("rope_theta", 1e6))
-    section = rp.get("mrope_section", rs.get("mrope_section"))
+    # top-level "mrope_section": where `config_to_hf` keeps a text model's (unused by transformers' Qwen2)
+    section = rp.get("mrope_section", rs.get("mrope_section", d.get("mrope_section")))
     return float(theta), (tuple(int(x) for x in section) if section else None)
 
 
@@ -72,7 +72,7 @@ def config_from_hf(d: Mapping[str, Any], **runtime) -> ModelConfig:
         num_heads=int(t["num_attention_heads"]),
         num_kv_heads=int(t.get("num_key_value_heads") or t["num_attention_heads"]),
         rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-        mrope_section=section if model_type == "qwen2_5_vl" else None,
+        mrope_section=section,
         tie_word_embeddings=tie, max_position_embeddings=int(t.get("max_position_embeddings", 32768)),
         bos_token_id=t.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
     )
@@ -97,7 +97,9 @@ def config_from_hf(d: Mapping[str, Any], **runtime) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """A flat hub-style `config.json` (what the published checkpoints carry)."""
+    """A flat hub-style `config.json` (what the published checkpoints carry). A text model keeps its image
+    token ids and M-RoPE sections too (transformers' Qwen2 ignores them), so `config_from_hf` reads back the
+    same `ModelConfig`."""
     t = cfg.text
     d: dict[str, Any] = {
         "architectures": [VL_ARCH if cfg.vision is not None else TEXT_ARCH],
@@ -109,11 +111,13 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "tie_word_embeddings": t.tie_word_embeddings, "use_sliding_window": False, "attention_dropout": 0.0,
         "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "torch_dtype": "float32",
     }
+    d.update(image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+             vision_start_token_id=cfg.vision_start_token_id, vision_end_token_id=cfg.vision_end_token_id)
+    if cfg.vision is None and t.mrope_section is not None:
+        d["mrope_section"] = list(t.mrope_section)
     if cfg.vision is not None:
         v = cfg.vision
         d["rope_scaling"] = {"type": "mrope", "mrope_section": list(t.mrope_section)}
-        d.update(image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-                 vision_start_token_id=cfg.vision_start_token_id, vision_end_token_id=cfg.vision_end_token_id)
         d["vision_config"] = {
             "model_type": "qwen2_5_vl", "depth": v.depth, "hidden_size": v.hidden_size, "hidden_act": "silu",
             "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "in_chans": v.in_channels,
@@ -125,12 +129,52 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return d
 
 
-def read_config(path: str, **runtime) -> ModelConfig:
+DTYPE_KEYS = ("torch_dtype", "dtype")  # transformers v4 / v5 spelling
+
+
+def hf_config(cfg: ModelConfig, source: Optional[Mapping[str, Any]] = None, dtype: str = "float32") -> dict[str, Any]:
+    """The `config.json` of an export. With the source checkpoint's config dict, that dict with every key
+    kept (flat or nested, keys xr_jax does not model included); only the values where `cfg` differs from
+    what xr_jax reads in the source are written, each where the source keeps it (top level, else its
+    `text_config`; nested dicts key by key), and the weights' dtype. Without a source, `config_to_hf`."""
+    ours = config_to_hf(cfg)
+    ours["torch_dtype"] = dtype
+    if source is None:
+        return ours
+    out = copy.deepcopy(dict(source))
+    theirs = config_to_hf(config_from_hf(source))
+    for key, value in ours.items():
+        if key not in DTYPE_KEYS and theirs.get(key) != value:
+            _put(out, key, value)
+    holders = [h for h in (out, out.get("text_config")) if isinstance(h, dict) and any(k in h for k in DTYPE_KEYS)]
+    for holder in holders or [out]:
+        for key in [k for k in DTYPE_KEYS if k in holder] or ["torch_dtype"]:
+            holder[key] = dtype
+    return out
+
+
+def _put(d: dict, key: str, value: Any) -> None:
+    """Set `key` where the config dict `d` keeps it: its top level, else its `text_config`, else the top level."""
+    text = d.get("text_config")
+    holder = text if isinstance(text, dict) and key not in d and key in text else d
+    if isinstance(value, dict) and isinstance(holder.get(key), dict):
+        for k, v in value.items():
+            _put(holder[key], k, v)
+    else:
+        holder[key] = value
+
+
+def read_config_dict(path: str) -> dict[str, Any]:
+    """The raw `config.json` dict of a Hugging Face directory."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise CheckpointError(f"{path!r} is not a Hugging Face checkpoint directory: no config.json")
     with open(cfg_file) as f:
-        return config_from_hf(json.load(f), **runtime)
+        return json.load(f)
+
+
+def read_config(path: str, **runtime) -> ModelConfig:
+    return config_from_hf(read_config_dict(path), **runtime)
 
 
 # ----------------------------------------------------------------------------- tensors <-> tree
@@ -255,12 +299,20 @@ def load_hf(
 # ----------------------------------------------------------------------------- saving
 
 
+def publish(path: str) -> None:
+    """Give a written file the permissions the umask allows (safetensors writes 0600): an export is for sharing."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_hf(
-    params: Mapping, cfg: ModelConfig, out_dir: str, source_dir: Optional[str] = None,
+    params: Mapping, cfg: ModelConfig, out_dir: str, source_config: Optional[Mapping[str, Any]] = None,
     max_shard_bytes: int = 5 * 1024**3,
 ) -> None:
-    """Write a transformers-loadable directory: safetensors (sharded past `max_shard_bytes`), config.json,
-    and the tokenizer/processor files of `source_dir` when present."""
+    """Write a transformers-loadable model: safetensors (sharded past `max_shard_bytes`) and config.json
+    (`hf_config`: the source checkpoint's `source_config` with every key kept, when given). Files are
+    world-readable (mode 0644 under the usual umask)."""
     os.makedirs(out_dir, exist_ok=True)
     host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), dict(params))
     tensors = tree_to_hf(host, cfg)
@@ -273,25 +325,25 @@ def save_hf(
         cur[name] = tensors[name]
         size += nbytes
     shards.append(cur)
+    written = []
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        written.append(os.path.join(out_dir, "model.safetensors"))
+        save_file(shards[0], written[-1], metadata={"format": "pt"})
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            written.append(os.path.join(out_dir, fname))
+            save_file(shard, written[-1], metadata={"format": "pt"})
             weight_map.update({k: fname for k in shard})
         total = sum(t.nbytes for t in tensors.values())
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        written.append(os.path.join(out_dir, "model.safetensors.index.json"))
+        with open(written[-1], "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    hf_cfg = config_to_hf(cfg)
     dtypes = {t.dtype for t in tensors.values()}
-    if dtypes == {np.dtype(ml_dtypes.bfloat16)}:
-        hf_cfg["torch_dtype"] = "bfloat16"
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_cfg, f, indent=2)
-    if source_dir:
-        for name in SIDE_FILES:
-            src = os.path.join(source_dir, name)
-            if os.path.isfile(src):
-                shutil.copy2(src, os.path.join(out_dir, name))
+    dtype = "bfloat16" if dtypes == {np.dtype(ml_dtypes.bfloat16)} else "float32"
+    written.append(os.path.join(out_dir, "config.json"))
+    with open(written[-1], "w") as f:
+        json.dump(hf_config(cfg, source_config, dtype), f, indent=2)
+    for path in written:
+        publish(path)

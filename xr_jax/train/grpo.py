@@ -378,19 +378,15 @@ def main(config) -> dict:
     """Run (or resume) GRPO from a resolved `xr_jax.config.Config`; returns the last step's metrics."""
     from xr_jax.config import to_dict
     from xr_jax.models.qwen2_5_vl import init_params
+    from xr_jax import convert
     from xr_jax.train import epochs, loop, state as state_lib
-    from xr_jax.data.tokenizer import load_tokenizer
     from xr_jax.train.sft import build_model, export_final
 
     loop.check_outputs(config)
     d = config.distributed
     parallel.initialize_distributed(d.initialize, d.coordinator, d.num_processes, d.process_id)
     mesh = parallel.make_mesh(config.mesh.shape)
-    if config.data.tokenizer is None and config.model.path is None:
-        from xr_jax.config import ConfigError
-
-        raise ConfigError("GRPO needs a tokenizer: set data.tokenizer ('qwen2.5', 'tiny' or a checkpoint dir) or model.path")
-    tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
+    tokenizer = convert.load_tokenizer_for(config.model.path, config.model.tokenizer, "model.tokenizer")
     model_cfg, loaded = build_model(config, mesh, tokenizer)
     parallel.check_model_fits_mesh(model_cfg, mesh)
     check_layout(config, mesh)
@@ -432,5 +428,5 @@ def main(config) -> dict:
         logger.close()
         if checkpointer is not None:
             checkpointer.close()
-    loop.report_done(result.steps, export_final(config, model_cfg, result.state.params))
+    loop.report_done(result.steps, export_final(config, model_cfg, result.state.params, tokenizer))
     return result.last or {}

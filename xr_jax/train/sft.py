@@ -221,17 +221,13 @@ def build_model(config, mesh: Mesh, tokenizer=None):
 
 
 def load_tokenizer(config):
-    """The tokenizer of `data.tokenizer`, else of the model checkpoint; None for `data.source: random`."""
-    if config.data.source == "random":
+    """The model's tokenizer (`convert.load_tokenizer_for`: `model.tokenizer`, else the checkpoint's own);
+    None for `data.source: random` without `model.tokenizer`."""
+    if config.data.source == "random" and config.model.tokenizer is None:
         return None
-    from xr_jax.data.tokenizer import load_tokenizer as load
+    from xr_jax import convert
 
-    name = config.data.tokenizer or config.model.path
-    if name is None:
-        from xr_jax.config import ConfigError
-
-        raise ConfigError("data.tokenizer is needed with a preset model: 'qwen2.5', 'tiny' or a checkpoint dir")
-    return load(name)
+    return convert.load_tokenizer_for(config.model.path, config.model.tokenizer, "model.tokenizer")
 
 
 def prompt_config(data):
@@ -292,17 +288,17 @@ def make_batches(config, model_cfg: ModelConfig, tokenizer=None, plan=None):
     return iter(pipeline.sft_pipeline(make_source(config), tokenizer, sft_data_config(config, plan)))
 
 
-def export_final(config, model_cfg: ModelConfig, params) -> Optional[str]:
-    """Save the final params as an xr_jax model checkpoint when `train.export_dir` is set; returns its path.
-    Only completed runs get here. Written atomically (`write_atomically`): a reader never sees a
+def export_final(config, model_cfg: ModelConfig, params, tokenizer=None) -> Optional[str]:
+    """Save the final params as an xr_jax model checkpoint when `train.export_dir` is set, with the assets a
+    later stage needs (`convert.save_model`: the tokenizer used, the source's processor settings and config);
+    returns its path. Only completed runs get here. Written atomically (`write_atomically`): a reader never sees a
     half-written export, and an existing one is replaced only once the new one is complete."""
     if config.train.export_dir is None:
         return None
     from xr_jax import convert
 
-    assets = config.model.path if config.model.path and not convert.is_model_checkpoint(config.model.path) else None
-    return write_atomically(config.train.export_dir,
-                            lambda tmp: convert.save_model(tmp, model_cfg, params, assets_from=assets))
+    return write_atomically(config.train.export_dir, lambda tmp: convert.save_model(
+        tmp, model_cfg, params, source=config.model.path, tokenizer=tokenizer))
 
 
 def write_atomically(out_dir: str, write: Callable[[str], None]) -> str:
@@ -396,5 +392,5 @@ def main(config) -> dict:
         logger.close()
         if checkpointer is not None:
             checkpointer.close()
-    loop.report_done(result.steps, export_final(config, model_cfg, result.state.params))
+    loop.report_done(result.steps, export_final(config, model_cfg, result.state.params, tokenizer))
     return result.last or {}
