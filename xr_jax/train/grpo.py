@@ -6,8 +6,8 @@ One rollout step, for a batch of prompts:
   2. the reward functions score the decoded responses in a killable worker pool (timeouts score 0);
   3. advantages are normalised within each group;
   4. reference log-probs come from the frozen initial policy when `kl_coef` > 0;
-  5. `minibatches` x `update_passes` optimizer steps run the jitted update on whole groups of prompt + response rows,
-     with pi_old = the rollout's log-probs (or a recomputed training forward).
+  5. `minibatches` x `update_passes` optimizer steps run the jitted update on prompt + response rows (each
+     minibatch whole groups), with pi_old = the rollout's log-probs (or a recomputed training forward).
 Everything random derives from `state.rng`, and the data position lives in the checkpoint, so a resumed
 run continues exactly. The loop (checkpoints, preemption, NaN guard, logging) is the SFT one.
 """
