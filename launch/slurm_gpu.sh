@@ -13,6 +13,8 @@
 # writes each checkpoint once (every process its own shards; process 0 the metadata), and metrics are
 # logged by process 0. checkpoint.dir, logging.dir and the data must be on storage all nodes see.
 # Check first that the run fits: xr-jax plan --config ... --devices $((NODES * 8)) --device-kind a100-40gb
+# Preemption: a run stopped by SIGTERM saves its checkpoint and exits 75; this script then requeues the job
+# (`scontrol requeue`; needs `sbatch --requeue`, off with XR_JAX_REQUEUE=0) and the requeued job resumes.
 #
 #SBATCH --job-name=xr-jax
 #SBATCH --nodes=1
@@ -52,4 +54,21 @@ fi
 exec "$@"'
 
 echo "xr-jax on SLURM job $SLURM_JOB_ID: $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES node(s): $*" >&2
-srun --label --kill-on-bad-exit=1 bash -c "$TASK_SETUP" xr-jax-task "$@"
+# Preemption / time limit: SLURM sends TERM to the tasks (xr-jax saves a checkpoint after the current step
+# and exits 75) and to this script, which must outlive srun to requeue: the trap only notes the signal.
+trap 'echo "$0: SIGTERM: waiting for xr-jax to save its checkpoint" >&2' TERM
+set +e
+srun --label --kill-on-bad-exit=1 bash -c "$TASK_SETUP" xr-jax-task "$@" &
+srun_pid=$!
+while true; do  # `wait` returns early when a trapped signal arrives: wait again until srun has ended
+  wait "$srun_pid"
+  rc=$?
+  kill -0 "$srun_pid" 2>/dev/null || break
+done
+set -e
+# 75 (EX_TEMPFAIL): stopped by a signal with its checkpoint saved; the same command resumes it.
+if [[ $rc -eq 75 && "${XR_JAX_REQUEUE:-1}" == 1 ]]; then
+  echo "$0: stopped with a checkpoint saved (exit 75): requeueing job $SLURM_JOB_ID" >&2
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"

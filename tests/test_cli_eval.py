@@ -18,7 +18,7 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "eval_paper.ya
 def test_paper_config_loads_without_training_keys():
     cfg = config_lib.load(CONFIG, ["model.path=/ckpt"], validate=False).validate(training=False)
     assert cfg.eval.validate() is cfg.eval and len(cfg.eval.benchmarks) == 15 and cfg.eval.max_tokens == 4096
-    with pytest.raises(config_lib.ConfigError, match="set train.steps"):  # a training run still needs its length
+    with pytest.raises(config_lib.ConfigError, match=r"set train.epochs \(passes over the data\) or train.steps"):
         cfg.validate()
 
 

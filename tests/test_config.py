@@ -27,6 +27,19 @@ def test_yaml_plus_overrides_are_typed_and_round_trip():
     ("optim.schedule=exp", "config key 'optim.schedule' is 'exp'; expected one of step_decay, cosine, linear, constant"),
     ("train.batch_size=6", "train.batch_size 6 is not divisible by train.microbatches 4"),
     ("optim", "override 'optim' must look like key.sub=value"),
+    ("model.remat=some", "config key 'model.remat' is 'some'; expected one of none, full, dots"),
+    ("grpo.old_logprobs=x", "config key 'grpo.old_logprobs' is 'x'; expected one of sampler, recompute"),
+    ("grpo.advantage=ppo",
+     "config key 'grpo.advantage' is 'ppo'; expected one of dr_grpo, grpo, rloo (the registered advantage estimators)"),
+    ("grpo.loss_agg=mean", "config key 'grpo.loss_agg' is 'mean'; expected one of dr-grpo, seq-mean-token-mean, "
+                           "token-mean (the registered loss aggregations)"),
+    ("grpo.kl_type=k4", "config key 'grpo.kl_type' is 'k4'; expected one of k1, k2, k3 (the registered KL estimators)"),
+    ("grpo.reward=math", "config key 'grpo.reward' was replaced; write grpo.rewards: [{name: <reward>, weight: 1.0}]"),
+    ("grpo.format_weight=0.1", "config key 'grpo.format_weight' was replaced; write grpo.rewards: "),
+    ("grpo.rewards=[{weight: 1}]", "config key 'grpo.rewards[0]' needs 'name'"),
+    ("grpo.rewards=[{name: math}, {name: math, weight: 2}]", "config key 'grpo.rewards' names a reward twice"),
+    ("grpo.rewards=[]", "config key 'grpo.rewards' is empty"),
+    ("grpo.rewards=[{name: math, weight: .inf}]", "config key 'grpo.rewards[0].weight' must be a finite number"),
 ])
 def test_bad_keys_and_values_fail_naming_the_key(override, message):
     with pytest.raises(C.ConfigError) as e:
@@ -51,7 +64,45 @@ def test_a_new_section_needs_no_change_to_the_mechanism():
         C.load(None, ["train.steps=1", "distill.alpah=0.3"], cls=WithDistill)
 
 
-def test_steps_must_be_given():
-    with pytest.raises(C.ConfigError, match="set train.steps"):
+def test_rewards_are_a_weighted_list_that_round_trips():
+    cfg = C.load(ROOT_YAML, ["grpo.rewards=[{name: math}, {name: format, weight: 0.25}]", "grpo.advantage=rloo"])
+    assert cfg.grpo.rewards == (C.RewardTerm("math", 1.0), C.RewardTerm("format", 0.25))
+    assert C.to_dict(cfg)["grpo"]["rewards"] == [{"name": "math", "weight": 1.0}, {"name": "format", "weight": 0.25}]
+    assert C.from_dict(C.Config, C.to_dict(cfg)) == cfg and cfg.grpo.advantage == "rloo"
+
+
+def test_a_registered_name_becomes_a_valid_value():
+    """A setting annotated with a registry accepts exactly what is registered, when the config is loaded."""
+    import typing
+
+    from xr_jax.registry import Registry
+
+    widgets = Registry("widget")
+    widgets.register("cog")(len)
+
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        widget: typing.Annotated[str, widgets] = "cog"
+
+    with pytest.raises(C.ConfigError, match="'widget' is 'gear'; expected one of cog \\(the registered widgets\\)"):
+        C.from_dict(Section, {"widget": "gear"})
+    widgets.register("gear")(abs)
+    assert C.from_dict(Section, {"widget": "gear"}).widget == "gear"
+    with pytest.raises(ValueError, match="widget 'cog' is already registered to builtins.len"):
+        widgets.register("cog")(abs)
+
+
+def test_steps_or_epochs_must_be_given():
+    with pytest.raises(C.ConfigError, match=r"set train.epochs \(passes over the data\) or train.steps"):
         C.load(None, [])
     assert C.load(None, ["train.epochs=3", "train.steps_per_epoch=7"]).total_steps == 21
+    assert C.load(None, ["train.epochs=3"]).total_steps is None  # counted from the data at start
+    with pytest.raises(C.ConfigError, match="'train.epochs' must be >= 1"):
+        C.load(None, ["train.epochs=0"])
+
+
+def test_overflow_is_a_checked_literal():
+    assert C.load(None, ["train.steps=1"]).data.overflow == "truncate"
+    assert C.load(None, ["train.steps=1", "data.overflow=chunk"]).data.overflow == "chunk"
+    with pytest.raises(C.ConfigError, match="'data.overflow' is 'cut'; expected one of truncate, drop, chunk"):
+        C.load(None, ["train.steps=1", "data.overflow=cut"])

@@ -1,6 +1,9 @@
 """numpy/PIL image preprocessing against transformers' Qwen2-VL image processor (PIL backend)."""
 
+import dataclasses
 import io
+import json
+import os
 
 import numpy as np
 import pytest
@@ -109,3 +112,59 @@ def test_bad_images_name_the_sample(tmp_path):
     Image.new("RGB", (64, 64)).save(truncated, format="PNG")
     with pytest.raises(images.ImageError, match="row-12: unreadable"):
         images.preprocess_image(truncated.getvalue()[:40], name="row-12")
+
+
+# (min_pixels, max_pixels): the default (checkpoint preprocessor_config.json), the X-Reasoner-7B card's
+# 512x512, and a low cap.
+RESOLUTIONS = [(images.DEFAULT_MIN_PIXELS, images.DEFAULT_MAX_PIXELS), (images.MODEL_CARD_PIXELS,) * 2,
+               (3136, 200704)]
+
+
+def test_resolution_settings_set_image_grid_thw_as_transformers(tmp_path):
+    """`eval.min_pixels/max_pixels` (through the evaluation generator) and `data.min_pixels/max_pixels`
+    (through the training pipeline's image rows) give the grid of transformers' processor at the same bounds,
+    and results.json records them."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from tests.eval_fakes import ScriptedGenerator, gen, tag_scorer
+    from xr_jax import config as config_lib
+    from xr_jax import evaluation as ev
+    from xr_jax.data import pipeline
+    from xr_jax.data.sources import Example
+    from xr_jax.data.tokenizer import load_tokenizer
+    from xr_jax.eval_model import ModelGenerator
+    from xr_jax.models.config import tiny_vl_config
+    from xr_jax.train.sft import image_config
+
+    tok = load_tokenizer("tiny")
+    base = tiny_vl_config()
+    model_cfg = tiny_vl_config(text=dataclasses.replace(base.text, vocab_size=tok.vocab_size))
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 1000, 3), dtype=np.uint8))
+    grids = []
+    for lo, hi in RESOLUTIONS:
+        want = Qwen2VLImageProcessorPil(min_pixels=lo, max_pixels=hi)(images=[picture], return_tensors="np")
+        want = want["image_grid_thw"].tolist()
+        cfg = config_lib.load(None, [f"eval.min_pixels={lo}", f"eval.max_pixels={hi}", f"data.min_pixels={lo}",
+                                     f"data.max_pixels={hi}", "train.steps=1"])
+        generator = ModelGenerator(model_cfg, None, tok, image_config=cfg.eval.image_config())
+        prompt = generator.encode(ev.EvalPrompt("x", "What is shown?", (picture,)))
+        assert np.asarray(prompt.grid_thw).tolist() == want, (lo, hi)
+        scfg = pipeline.SFTConfig(max_len=8192, pack=False, image=image_config(cfg.data))
+        row = pipeline.encode_sft(Example("e", "What is shown?", "<answer>x</answer>", images=(picture,)), tok, scfg)
+        assert np.asarray(row["image_grid_thw"]).tolist() == want, (lo, hi)
+        grids.append(want[0])
+    assert grids == [[1, 50, 72], [1, 30, 42], [1, 26, 38]]  # 700x1000 at 12.8M, 262144 and 200704 pixels
+
+    cfg = ev.EvalSection(benchmarks=("gsm8k",), sources={"gsm8k": {"path": os.path.join(
+        os.path.dirname(__file__), "fixtures", "eval", "gsm8k_test.jsonl"), "limit": 1}},
+        output_dir=str(tmp_path / "out"), min_pixels=images.MODEL_CARD_PIXELS, max_pixels=images.MODEL_CARD_PIXELS)
+    ev.evaluate(cfg, ScriptedGenerator(respond=lambda p, b: gen("18")), tag_scorer, progress=False)
+    info = json.load(open(tmp_path / "out" / "results.json"))["info"]
+    assert (info["min_pixels"], info["max_pixels"]) == (262144, 262144)
+    mismatched = ModelGenerator(model_cfg, None, tok)  # default resolution, but the config says 262144
+    with pytest.raises(ValueError, match="record the wrong resolution"):
+        ev.evaluate(cfg, mismatched, tag_scorer, progress=False)
+    with pytest.raises(config_lib.ConfigError, match="min_pixels <= max_pixels"):
+        config_lib.load(None, ["data.min_pixels=1000", "data.max_pixels=999", "train.steps=1"])
+    with pytest.raises(ValueError, match="eval.min_pixels"):
+        dataclasses.replace(cfg, max_pixels=0).validate()

@@ -128,6 +128,38 @@ def test_bad_rows_raise_badrow_with_reason(tmp_path):
     assert good == 50 and reasons == expected
 
 
+def test_medqa_four_and_five_options(tmp_path):
+    """GBaker's 4-option jsonl and bigbio/med_qa's 5-option source schema (options as [{key, value}]) read to
+    the same Example: the letter as the answer, the options as choices, in order."""
+    src = sources.load_source(str(FIXTURES / "medqa"), "medqa")
+    examples = _all(src)  # the directory's two files, sorted: bigbio first
+    assert len(examples) == 8
+    five, four = examples[0], examples[4]
+    assert five.question == "Which organ makes insulin?" and five.answer == "E"
+    assert list(five.choices) == list("ABCDE") and five.choices["E"] == "Pancreas"
+    assert four.answer == "B" and four.choices == {"A": "Femoral artery", "B": "Posterior tibial artery",
+                                                   "C": "Radial artery", "D": "Aorta"}
+    assert four.meta == {"meta_info": "step1"} and four.id == "medqa:4"
+    assert [e.answer for e in examples] == ["E", "A", "C", "B", "B", "C", "A", "D"]
+    from xr_jax.data import templates
+
+    prompt = templates.X_REASONER_TRAIN.format(five.question, five.choices)
+    assert prompt.endswith("Which organ makes insulin?\n\nOptions:\n\nA: Liver\nB: Kidney\nC: Spleen\nD: Thyroid\n"
+                           "E: Pancreas")
+    rows = [{"question": "q", "options": {"A": "x", "B": "y"}, "answer_idx": "C"},
+            {"question": "q", "options": {"A": "x", "B": "y"}, "answer_idx": "B", "answer": "x"},
+            {"question": "q", "options": ["x", "y"], "answer_idx": "A"},
+            {"question": "q", "options": {"A": "x", "B": ""}, "answer_idx": "A"}]
+    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    bad = sources.load_source(str(tmp_path / "bad.jsonl"), "medqa")
+    reasons = []
+    for i in range(len(bad)):
+        with pytest.raises(sources.BadRow) as e:
+            bad[i]
+        reasons.append(e.value.reason)
+    assert reasons == ["bad_answer", "bad_answer", "wrong_type", "wrong_type"]
+
+
 def test_synthetic_task_is_deterministic_and_verifiable():
     cfg = synthetic.SyntheticConfig(num_examples=200, seed=3, min_steps=1, max_steps=4)
     a, b = synthetic.synthetic_source(cfg), synthetic.synthetic_source(cfg)

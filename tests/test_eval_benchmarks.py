@@ -145,14 +145,21 @@ def test_nejm_answer_as_option_text(tmp_path):
     assert item.answer == "C" and colors(item) == [fx.GREEN] and len(item.choices) == 5
 
 
-def test_errors_name_the_benchmark_and_field(tmp_path):
+def test_errors_name_the_benchmark_field_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"question": "q", "answer": "no final answer"}) + "\n")
-    with pytest.raises(bm.BenchmarkFormatError, match=r"gsm8k row 0: empty_answer: 'answer' has no '####'"):
+    good = json.dumps({"question": "q", "answer": "#### 1"})
+    path.write_text(good + "\n\n" + json.dumps({"question": "q", "answer": "no final answer"}) + "\n")
+    with pytest.raises(bm.BenchmarkFormatError, match=rf"gsm8k row 1 \({path}:3\): empty_answer: 'answer' has no '####'"):
         bm.load_benchmark("gsm8k", str(path))
     path.write_text(json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(bm.BenchmarkFormatError, match=r"gsm8k row 0: missing_field: no 'answer'"):
+    with pytest.raises(bm.BenchmarkFormatError, match=rf"gsm8k row 0 \({path}:1\): missing_field: no 'answer'"):
         bm.load_benchmark("gsm8k", str(path))
+    path.write_text(good + "\n" + '{"question": "q", "answer": ' + "\n")  # a malformed JSON line
+    with pytest.raises(bm.BenchmarkFormatError, match=rf"{path}:2: not valid JSON"):
+        bm.load_benchmark("gsm8k", str(path))
+    (tmp_path / "bad.json").write_text("[" + good + ",\n" + good + ",\n{oops}]")
+    with pytest.raises(bm.BenchmarkFormatError, match=rf"{tmp_path / 'bad.json'}:3: not valid JSON"):
+        bm.load_benchmark("gsm8k", str(tmp_path / "bad.json"))
     with pytest.raises(KeyError, match="unknown benchmark 'mmmlu'"):
         bm.get("mmmlu")
     with pytest.raises(ValueError, match="'aime2024' has no hub copy"):

@@ -4,6 +4,7 @@ The model here is a scripted generator (injected responses), scored by the real 
 test_eval_model.py for the tiny real model behind the real sampler.
 """
 
+import dataclasses
 import json
 import os
 
@@ -70,7 +71,7 @@ def test_end_to_end_tables_jsonl_and_rescore(tmp_path, scorer):
     assert [im.getpixel((0, 0)) for im in mmmu_prompt.images] == [fx.RED, fx.BLUE]
 
     out = cfg.output_dir
-    assert sorted(os.listdir(out)) == ["predictions.jsonl", "results.json", "results.md"]
+    assert sorted(os.listdir(out)) == ["generation.json", "predictions.jsonl", "results.json", "results.md"]
     lines = [json.loads(x) for x in open(os.path.join(out, "predictions.jsonl"))]
     assert len(lines) == 9
     first = lines[0]
@@ -135,3 +136,57 @@ def test_main_rescores_a_predictions_file_without_a_model(tmp_path, scorer, caps
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].split()[:3] == ["benchmark", "n", "acc"] and "mmmu_val" in printed
     assert os.path.exists(tmp_path / "rescored" / "results.md")
+
+
+class _Killed(Exception):
+    pass
+
+
+def seeded(prompt, budget):
+    """`answers`, with a length that depends on the batch's seed: a resumed run must keep the seeds."""
+    g = answers(prompt, budget)
+    return gen(g.text.split("<answer>")[-1].split("</answer>")[0] or None, tokens=5 + budget["seed"] % 7)
+
+
+def test_interrupted_eval_resumes_without_regenerating(tmp_path, scorer):
+    kw = dict(batch_size=2, protocol="sampling", num_samples=2)
+    clean_gen = ScriptedGenerator(respond=seeded)
+    clean = ev.evaluate(suite(tmp_path / "clean", **kw), clean_gen, scorer, progress=False)
+
+    cfg = suite(tmp_path / "resumed", **kw)
+    dying = ScriptedGenerator(respond=seeded)
+    real_generate = dying.generate
+
+    def generate_then_die(prompts, **k):
+        if len(dying.calls) == 3:  # killed during the fourth batch
+            raise _Killed
+        return real_generate(prompts, **k)
+
+    dying.generate = generate_then_die
+    with pytest.raises(_Killed):
+        ev.evaluate(cfg, dying, scorer, progress=False)
+    path = os.path.join(cfg.output_dir, "predictions.jsonl")
+    saved = [json.loads(x) for x in open(path)]
+    assert len(saved) == (3 + 2) * 2  # GSM8K's batches of 2 + 1 questions, GPQA's first 2, x two samples
+    with open(path, "a") as f:
+        f.write('{"benchmark": "gpqa_diam')  # and a line torn by the kill
+
+    again = ScriptedGenerator(respond=seeded)
+    assert ev.evaluate(cfg, again, scorer, progress=False) == clean
+    assert len(again.calls) == len(clean_gen.calls) - 3
+    assert [p.id for p in again.prompts] == [p.id for p in clean_gen.prompts][5:]
+    assert [c["seed"] for c in again.calls] == [c["seed"] for c in clean_gen.calls][3:]
+    assert open(path).read() == open(tmp_path / "clean" / "out" / "predictions.jsonl").read()
+
+    # Changed generation settings are refused, naming what changed; the saved predictions stay as they are.
+    before = open(path).read()
+    with pytest.raises(ev.ResumeMismatch, match="max_tokens 4096 -> 2048"):
+        ev.evaluate(suite(tmp_path / "resumed", max_tokens=2048, **kw), again, scorer, progress=False)
+    assert open(path).read() == before
+
+    # An empty predictions file (a run that failed before its first batch) holds nothing to protect.
+    fresh = suite(tmp_path / "fresh", **kw)
+    os.makedirs(fresh.output_dir)
+    open(os.path.join(fresh.output_dir, "predictions.jsonl"), "w").close()
+    assert ev.evaluate(dataclasses.replace(fresh, max_tokens=2048), ScriptedGenerator(respond=seeded), scorer,
+                       progress=False)["gsm8k"].n == 3

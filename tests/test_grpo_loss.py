@@ -140,13 +140,26 @@ def test_group_advantages_use_sample_std():
     assert float(adv[0]) == pytest.approx(2.4749, abs=1e-4)
 
 
+def test_rloo_advantages_by_hand():
+    """Leave-one-out baseline (Ahmadian et al. 2024): each sample minus the mean of the OTHER G - 1 rewards.
+    Group [1, 0, 0, 1]: sample 0's others average (0 + 0 + 1) / 3 = 1/3, so A_0 = 2/3; sample 1's others
+    (1 + 0 + 1) / 3 = 2/3, so A_1 = -2/3. Group [0, .5, 1, 0]: others average .5, 1/3, 1/6, .5, so the
+    advantages are -1/2, 1/6, 5/6, -1/2. The all-equal groups get 0."""
+    adv, zero = group_advantages(REWARDS, G, "rloo")
+    want = [2 / 3, -2 / 3, -2 / 3, 2 / 3, 0, 0, 0, 0, -1 / 2, 1 / 6, 5 / 6, -1 / 2, 0, 0, 0, 0]
+    np.testing.assert_allclose(np.asarray(adv), want, rtol=1e-6, atol=1e-7)
+    assert list(np.asarray(zero)) == [False, True, False, True]
+    pair, _ = group_advantages(np.array([1.0, 0.0, 0.25, 0.75]), 2, "rloo")  # G = 2: the other sample is the baseline
+    np.testing.assert_allclose(np.asarray(pair), [1.0, -1.0, -0.5, 0.5], rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(rewards=np.zeros(8), group_size=3), "multiple of group_size"),
         (dict(rewards=np.zeros(8), group_size=1), "group_size"),
         (dict(rewards=np.zeros((2, 4)), group_size=4), "1-D"),
-        (dict(rewards=np.zeros(8), group_size=4, mode="rloo"), "mode"),
+        (dict(rewards=np.zeros(8), group_size=4, mode="ppo"), "mode"),
     ],
 )
 def test_group_advantages_bad_input(kwargs, match):
@@ -276,6 +289,40 @@ def test_fully_masked_batch_gives_zero_loss():
     z = jnp.zeros((2, 3))
     loss, metrics = grpo_loss(z, z, jnp.ones(2), z, GRPOLossConfig(agg="seq-mean-token-mean"))
     assert float(loss) == 0.0 and float(metrics["num_loss_tokens"]) == 0.0
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "dr-grpo"])
+def test_nan_outside_the_mask_leaves_loss_and_grads_finite(agg):
+    """Prompt/padding positions may hold NaN or inf (e.g. a -inf logit); `where` keeps them out, where
+    multiplying by a 0 mask would give NaN * 0 = NaN. The masked-in values must equal a clean batch's."""
+    rng = np.random.default_rng(3)
+    logp = -rng.uniform(0.1, 2.0, (3, 5)).astype(np.float32)
+    old = logp + rng.normal(0, 0.2, logp.shape).astype(np.float32)
+    ref = logp + rng.normal(0, 0.2, logp.shape).astype(np.float32)
+    ent = rng.uniform(0, 1, logp.shape).astype(np.float32)
+    mask = np.ones_like(logp)
+    mask[0, 3:] = 0
+    mask[2, :] = 0  # a padding row: its advantage is NaN too
+    adv = np.array([1.0, -0.5, 0.0], np.float32)
+    cfg = GRPOLossConfig(agg=agg, kl_coef=0.01, entropy_coef=0.001, dual_clip=3.0,
+                         dr_grpo_max_len=5 if agg == "dr-grpo" else None)
+
+    def run(lp, o, a, r, e):
+        f = lambda lp_: grpo_loss(lp_, o, a, jnp.asarray(mask), cfg, ref_logp=r, entropy=e)[0]  # noqa: E731
+        return jax.value_and_grad(f)(lp), grpo_loss(lp, o, a, jnp.asarray(mask), cfg, ref_logp=r, entropy=e)[1]
+
+    (clean, clean_grad), clean_m = run(*map(jnp.asarray, (logp, old, adv, ref, ent)))
+    dirty = [x.copy() for x in (logp, old, ref, ent)]
+    for x, bad in zip(dirty, (np.nan, np.inf, np.nan, -np.inf)):
+        x[mask == 0] = bad
+    bad_adv = adv.copy()
+    bad_adv[2] = np.nan
+    (loss, grad), m = run(*map(jnp.asarray, (dirty[0], dirty[1], bad_adv, dirty[2], dirty[3])))
+    assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(grad)))
+    assert all(np.isfinite(float(v)) for v in m.values())
+    np.testing.assert_allclose(float(loss), float(clean), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(clean_grad), rtol=1e-6, atol=1e-9)
+    assert float(m["ratio_mean"]) == float(clean_m["ratio_mean"])
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,10 @@ neither): the per-task GPU selection and the command each worker would run. The 
 exercised for real by test_multiprocess.py."""
 
 import os
+import signal
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -68,3 +70,50 @@ def test_tpu_pod_runs_the_quoted_command_on_all_workers(fake_bin):
     remote = args[args.index("--command") + 1]
     assert remote.startswith("set -e; cd ~/xr_jax; git pull; exec xr-jax sft --config a\\ b.yaml optim.lr=1e-5")
     assert remote.endswith("distributed.initialize=always")
+
+
+# scontrol stand-in: record the call.
+FAKE_SCONTROL = """#!/usr/bin/env bash
+echo "$@" >> "$SCONTROL_LOG"
+"""
+
+
+@pytest.mark.parametrize("code,requeued", [(75, True), (0, False), (1, False), (2, False)])
+def test_slurm_requeues_a_run_stopped_with_its_checkpoint_saved(fake_bin, tmp_path, code, requeued):
+    scontrol = os.path.join(fake_bin, "scontrol")
+    with open(scontrol, "w") as f:
+        f.write(FAKE_SCONTROL)
+    os.chmod(scontrol, 0o755)
+    log = tmp_path / "scontrol.log"
+    env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NTASKS": "1",
+           "SLURM_JOB_NUM_NODES": "1", "SCONTROL_LOG": str(log)}
+    out = subprocess.run(["bash", "launch/slurm_gpu.sh", "bash", "-c", f"exit {code}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == code, out.stderr
+    assert (log.read_text() if log.exists() else "") == ("requeue 77\n" if requeued else "")
+    env["XR_JAX_REQUEUE"] = "0"
+    log.unlink(missing_ok=True)
+    assert subprocess.run(["bash", "launch/slurm_gpu.sh", "bash", "-c", f"exit {code}"], cwd=ROOT, env=env,
+                          capture_output=True, timeout=30).returncode == code and not log.exists()
+
+
+def test_slurm_script_outlives_a_sigterm_and_requeues(fake_bin, tmp_path):
+    """SLURM sends TERM to the batch script too: it waits for the run to save and exit 75, then requeues."""
+    scontrol = os.path.join(fake_bin, "scontrol")
+    with open(scontrol, "w") as f:
+        f.write(FAKE_SCONTROL)
+    os.chmod(scontrol, 0o755)
+    log, ready = tmp_path / "scontrol.log", tmp_path / "ready"
+    env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_JOB_ID": "78", "SLURM_NTASKS": "1",
+           "SLURM_JOB_NUM_NODES": "1", "SCONTROL_LOG": str(log)}
+    # the "run": ignores TERM (as xr-jax finishes its step), takes a moment to save, exits 75
+    task = f"trap '' TERM; touch {ready}; sleep 1; exit 75"
+    proc = subprocess.Popen(["bash", "launch/slurm_gpu.sh", "bash", "-c", task], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    assert "waiting for xr-jax to save" in err and log.read_text() == "requeue 78\n"

@@ -3,7 +3,7 @@
 
 They train exactly as 1 process with 4 devices does (fp32 metrics within 1e-5), across a checkpoint
 save and a restore in a second launch: the restored run continues at the next step (not from
-scratch) and only process 0 writes the metrics log. Each stage is one `Case`: a new trainer adds its
+scratch), only process 0 writes the metrics log, and the export is written by all processes together. Each stage is one `Case`: a new trainer adds its
 CLI command here and is covered the same way.
 """
 
@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from xr_jax import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
@@ -39,7 +41,7 @@ CASES = [
     # updates as one process. The test reward gives non-zero advantages from a random policy.
     Case("grpo", ("grpo", "--config", "configs/tiny_grpo.yaml"),
          ("mesh.shape=[1,4,1]", "train.steps=4", "checkpoint.every=2", "logging.progress=false",
-          "grpo.reward_modules=[tests.grpo_rewards]", "grpo.reward=test_even_length"), 4, 2,
+          "grpo.reward_modules=[tests.grpo_rewards]", "grpo.rewards=[{name: test_even_length}]"), 4, 2,
          ("reward_mean", "response_tokens", "grad_norm", "entropy", "input_tokens"), "entropy"),
 ]
 
@@ -81,8 +83,11 @@ def test_two_processes_equal_one_process_across_a_restore(case, tmp_path):
     multi = [f"logging.dir={multi_log}", f"checkpoint.dir={ckpt}"]
     _finish(_start(launch + _cli(case, *multi, f"train.steps={case.stop_at}"), _env(2, cache)))  # saves at stop_at
     assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())[-1] == case.stop_at
-    _finish(_start(launch + _cli(case, *multi), _env(2, cache)))  # restores stop_at, runs to the end
+    export = tmp_path / "model"
+    _finish(_start(launch + _cli(case, *multi, f"train.export_dir={export}"), _env(2, cache)))  # restores, runs on
     _finish(single)
+    # every process wrote its shards into model.partial, process 0 renamed it into place
+    assert convert.is_model_checkpoint(str(export)) and not os.path.exists(f"{export}.partial")
 
     single_records, multi_records = _metrics(single_log), _metrics(multi_log)
     # One record per step: the resumed launch continued at stop_at + 1, and process 1 logged nothing.

@@ -68,3 +68,63 @@ def test_recipe_models():
         shape = presets.preset(preset).text
         assert cfg.model.vocab_size == shape.vocab_size, name  # a preset run has the checkpoint's shape
     assert presets.preset("qwen2.5-7b").vision is None
+
+
+# docs/recipe.md: the table of every recipe value, checked against the configs row by row.
+RECIPE_DOC = os.path.join(ROOT, "docs", "recipe.md")
+CONFIG_GROUPS = {"SFT": ["sft", "sft_3b", "sft_text", "med_sft"], "GRPO": ["grpo", "med_grpo"]}
+LABELS = ("[paper]", "[xr_jax default]", "[inference]")
+# Memory layout and run plumbing: set in the recipe configs but not recipe values.
+NOT_RECIPE = {"train.microbatches", "train.loss_chunk", "train.nan_patience", "grpo.microbatches", "eval.sources",
+              "eval.output_dir", "eval.batch_size"}
+
+
+def _config_file(name):
+    return "eval_paper.yaml" if name == "eval" else f"x_reasoner_{name}.yaml"
+
+
+def recipe_rows():
+    """(config file, dotted key, xr_jax value cell, label cell) per config named in each keyed row."""
+    import re
+
+    rows = []
+    with open(RECIPE_DOC) as f:
+        lines = [line for line in f if line.startswith("| ") and not line.startswith("| stage")]
+    for line in lines:
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        assert len(cells) == 7, line
+        _, configs, key, _, value, label, _ = cells
+        assert label in LABELS, line
+        if not re.fullmatch(r"`[a-z_]+\.[a-z_0-9]+`", key):
+            continue  # a row about code, not a config key
+        names = [n for token in configs.split() for n in CONFIG_GROUPS.get(token, [token])]
+        for name in names:
+            rows.append((_config_file(name), key.strip("`"), value, label))
+    return rows
+
+
+def test_recipe_doc_values_match_the_configs():
+    rows = recipe_rows()
+    assert len(rows) > 150, len(rows)
+    loaded = {}
+    for file, key, cell, _ in rows:
+        if file not in loaded:
+            loaded[file] = _load(os.path.join(ROOT, "configs", file))
+        section, field = key.split(".")
+        actual = getattr(getattr(loaded[file], section), field)
+        want = yaml.safe_load(cell.strip("`"))
+        if isinstance(actual, float):
+            assert float(want) == actual, (file, key, want, actual)
+        else:
+            assert config_lib.to_dict(actual) == want, (file, key, want, actual)  # tuples as lists, sections as dicts
+
+
+def test_recipe_doc_covers_every_recipe_key_of_the_configs():
+    documented = {(file, key) for file, key, _, _ in recipe_rows()}
+    for file in {file for file, _ in documented}:
+        with open(os.path.join(ROOT, "configs", file)) as f:
+            tree = yaml.safe_load(f)
+        for section in ("optim", "train", "grpo", "eval"):
+            for field in tree.get(section) or {}:
+                key = f"{section}.{field}"
+                assert key in NOT_RECIPE or (file, key) in documented, f"docs/recipe.md has no row for {key} of {file}"

@@ -119,13 +119,75 @@ def test_extract_answer():
     assert extract_answer("<think>x</think><answer> 42 </answer>") == "42"
     assert extract_answer("<answer>1</answer> then <answer>2</answer>") == "2"  # the last span
     assert extract_answer("<answer>so \\boxed{1} no \\boxed{\\frac{1}{2}}</answer>") == "\\frac{1}{2}"
-    assert extract_answer("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"  # escaped braces do not nest
+    assert extract_answer("<answer>\\boxed{\\{1, 2\\}}</answer>") == "\\{1, 2\\}"  # escaped braces do not nest
     assert extract_answer("<answer>\\boxed{a}</answer> later \\boxed{b}") == "a"  # the span wins
     assert extract_answer("the answer is 42") is None  # no last-number fallback
     assert extract_answer("<answer>  </answer>") is None
     assert extract_answer("<answer>42") is None  # truncated
-    assert extract_answer("\\boxed{\\frac{1}{2}") is None  # unbalanced
-    assert extract_answer("\\boxed 5") is None
+    assert extract_answer("\\boxed{5}") is None  # strict: no span, no answer
+    for mode in ("strict", "lenient"):
+        assert extract_answer("\\boxed{\\frac{1}{2}", mode) is None  # unbalanced
+        assert extract_answer("\\boxed 5", mode) is None
+    assert extract_answer("\\boxed{\\{1, 2\\}}", "lenient") == "\\{1, 2\\}"
+    assert extract_answer("<answer>a</answer> later \\boxed{b}", "lenient") == "a"  # the span still wins
+    with pytest.raises(ValueError, match="extraction mode"):
+        extract_answer("x", "loose")
+
+
+# The extraction table (issue 18): (response template, math reward, math_lenient reward). `{t}` is a real
+# ground truth (GSM8K / MATH500 rows), `{w}` a wrong answer to it.
+EXTRACTION_TABLE = [
+    ("<think>so the answer is \\boxed{{{t}}}", 0.0, 1.0),  # unclosed thinking (truncated) with a box
+    ("<think>so \\boxed{{{t}}}</think> and no answer tags", 0.0, 1.0),  # closed thinking, no span
+    ("<think>so \\boxed{{{t}}}</think><answer>{t}", 0.0, 1.0),  # unclosed answer span: the box is outside it
+    ("<think>a</think> <answer>{t}</answer>", 1.0, 1.0),  # answer span
+    ("<think>a</think> <answer>so $\\boxed{{{t}}}$.</answer>", 1.0, 1.0),  # \\boxed inside the span
+    ("<think>\\boxed{{{t}}}</think> <answer>{w}</answer>", 0.0, 0.0),  # a box outside does not count
+    ("<think>\\boxed{{{w}}}</think> <answer>{t}</answer>", 1.0, 1.0),
+    ("<think>a</think> <answer>{w}</answer> \\boxed{{{t}}}", 0.0, 0.0),  # the span wins over a later box
+    ("<think>a</think> <answer>{t}</answer><answer>{w}</answer>", 0.0, 0.0),  # the last span counts
+]
+
+
+def test_extraction_table_on_real_answers(pool):
+    truths = [t for _, t in gsm8k_rows()[:10] + math500_rows()[:10]]
+    responses, golds, want = [], [], {"math": [], "math_lenient": []}
+    for template, strict, lenient in EXTRACTION_TABLE:
+        for t in truths:
+            responses.append(template.format(t=t, w=wrong_answer(t)))
+            golds.append(t)
+            want["math"].append(strict)
+            want["math_lenient"].append(lenient)
+    for name, expected in want.items():
+        scores, _ = pool.score_batch(name, responses, golds, timeout=10.0)
+        wrong = [(r, g, s) for r, g, s, w in zip(responses, golds, scores, expected) if s != w]
+        assert not wrong, f"{name}: {len(wrong)}/{len(expected)} mis-scored, e.g. {wrong[:3]}"
+
+
+def test_multiple_choice_table_on_gpqa(pool):
+    """RL's multiple-choice ground truth carries the option texts (`reward_ground_truth`), so the option
+    text and `B No` score as in evaluation; strict extraction as for math."""
+    responses, truths, want = [], [], []
+    for row in gpqa_rows():
+        letter, choices = row["final_answer"], row["choices"]
+        other = next(c for c in "ABCD" if c != letter)
+        text = choices[letter]
+        gold = rewards.reward_ground_truth("multiple_choice", letter, choices)
+        assert gold == mc_ground_truth(letter, choices)
+        for answer, ok in [(text, 1.0), (f"{letter} {text}", 1.0), (letter, 1.0), (f"{other} {text}", 0.0),
+                           (choices[other], 0.0), (f"{letter} or {other}", 0.0)]:
+            responses.append(f"<think>...</think> <answer>{answer}</answer>")
+            truths.append(gold)
+            want.append(ok)
+        responses += [f"<think>the answer is \\boxed{{{letter}}}", f"<think>...</think> <answer>{text}"]
+        truths += [gold, gold]
+        want += [0.0, 0.0]  # no closed span: 0, even with the right letter boxed
+    scores, _ = pool.score_batch("multiple_choice", responses, truths)
+    wrong = [(r, t, s) for r, t, s, w in zip(responses, truths, scores, want) if s != w]
+    assert not wrong, f"{len(wrong)}/{len(want)} mis-scored, e.g. {wrong[:5]}"
+    assert rewards.get("multiple_choice_lenient")("<think>so \\boxed{B}", "B") == 1.0
+    assert rewards.reward_ground_truth("math", "B", {"A": "x", "B": "y"}) == "B"  # math gets the plain answer
+    assert rewards.reward_ground_truth("multiple_choice", "B", None) == "B"
 
 
 def test_math_on_real_answers(pool):
@@ -136,9 +198,9 @@ def test_math_on_real_answers(pool):
         for style in range(4):
             responses.append(wrap(truth, style))
             truths.append(truth)
-            want.append(1.0)
+            want.append(0.0 if style == 2 else 1.0)  # style 2 (a box, no tags) scores only with math_lenient
         for form in MATH_EQUIVALENT.get(truth, []):
-            responses.append(wrap(form, i % 4))
+            responses.append(wrap(form, (0, 1, 3)[i % 3]))
             truths.append(truth)
             want.append(1.0)
         responses += [
@@ -179,12 +241,13 @@ def test_multiple_choice_on_gpqa(pool):
         # A bare-letter ground truth: letters still count, option text cannot be resolved.
         responses += [
             f"<answer>{letter}</answer>",
-            f"\\boxed{{{letter}}}",
+            f"<answer>\\boxed{{{letter}}}</answer>",
             f"<answer>{other}</answer>",
             f"I pick {letter}",
+            f"<answer>{text}</answer>",
         ]
-        truths += [letter] * 4
-        want += [1.0, 1.0, 0.0, 0.0]
+        truths += [letter] * 5
+        want += [1.0, 1.0, 0.0, 0.0, 0.0]
     scores, stats = pool.score_batch("multiple_choice", responses, truths)
     wrong = [(r, t, s) for r, t, s, w in zip(responses, truths, scores, want) if s != w]
     assert not wrong, f"{len(wrong)}/{len(want)} mis-scored, e.g. {wrong[:5]}"
@@ -201,6 +264,11 @@ def test_extract_choice_rules():
     assert extract_choice("A cat", {"A": "dog", "B": "A cat"}) == "B"
     assert extract_choice("The answer is B") is None
     assert extract_choice("B or C") is None
+    yes_no = {"A": "Yes", "B": "No"}  # the paper's template example
+    assert extract_choice("B No", yes_no) == "B" and extract_choice("B: No", yes_no) == "B"
+    assert extract_choice("B  no.", yes_no) == "B"  # normalised, case-insensitive
+    assert extract_choice("A No", yes_no) is None and extract_choice("B No") is None  # text must be the letter's
+    assert extract_choice("B or C", {"B": "x", "C": "y"}) is None
 
 
 @pytest.mark.parametrize(
@@ -222,7 +290,8 @@ def test_format_reward(response, want):
 
 
 def test_registry():
-    assert {"math", "multiple_choice", "format", "test_unruly"} <= set(rewards.names())
+    assert {"math", "math_lenient", "multiple_choice", "multiple_choice_lenient", "format", "test_unruly"} <= set(
+        rewards.names())
     assert rewards.get("math") is rewards.math_reward
     with pytest.raises(ValueError, match="unknown reward 'nope'"):
         rewards.get("nope")

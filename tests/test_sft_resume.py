@@ -1,5 +1,7 @@
-"""Exact resume: runs killed with SIGKILL / stopped with SIGTERM continue bit-identically; corrupt
-checkpoints fall back to the previous one; checkpoints restore onto a different mesh."""
+"""Exact resume: runs killed with SIGKILL / stopped with SIGTERM continue bit-identically (a stopped run
+exits 75 with one line and writes no export); corrupt checkpoints fall back to the previous one;
+checkpoints restore onto a different mesh. The subprocess runs have stdout piped, as in a batch job: they
+print a progress line every logging.print_every steps and a final `done` line."""
 
 import json
 import logging
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xr_jax import checkpoint, parallel
+from xr_jax import checkpoint, convert, parallel
 from xr_jax.config import OptimSection
 from xr_jax.models.presets import preset
 from xr_jax.models.qwen2_5_vl import init_params
@@ -49,7 +51,8 @@ def _losses(log_dir) -> dict[int, float]:
 
 def _run_until(tmp, sig, at_step, *extra):
     """Start a run, send `sig` once the log shows `at_step`, return (returncode, stderr)."""
-    proc = subprocess.Popen(_cmd(tmp, *extra), env=_env(), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cmd(tmp, *extra), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     path = os.path.join(tmp, "metrics.jsonl")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -65,10 +68,24 @@ def _run_until(tmp, sig, at_step, *extra):
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     CACHE["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
-    subprocess.run(_cmd(tmp), env=_env(), cwd=ROOT, check=True, capture_output=True)
+    export = tmp / "model"
+    done = subprocess.run(_cmd(tmp, f"train.export_dir={export}"), env=_env(), cwd=ROOT, check=True,
+                          capture_output=True, text=True)
     losses = _losses(tmp)
     assert sorted(losses) == list(range(1, STEPS + 1))
-    return losses
+    # stdout is a pipe: a line every 10 steps (logging.print_every's default) with the logged loss, then `done`
+    lines = done.stdout.splitlines()
+    assert [line.split()[1] for line in lines[:-1]] == ["10/30", "20/30", "30/30"], done.stdout
+    for line in lines[:-1]:
+        step = int(line.split()[1].split("/")[0])
+        assert f"loss {losses[step]:.4f}" in line and "tokens/s " in line and " eta 0:" in line
+    assert lines[-1] == f"done: {STEPS} steps, exported to {export}"
+    assert sorted(os.listdir(tmp)) == ["metrics.jsonl", "model"]  # no temporary directory left beside it
+    return losses, _params(export)
+
+
+def _params(export_dir):
+    return jax.tree_util.tree_map(np.asarray, convert.load_model(str(export_dir))[1])
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, uninterrupted):
@@ -86,20 +103,25 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, uninterrupted):
         assert f"step {max(finalized)}" in result.stderr and "resumed from" in result.stderr
     got = _losses(tmp_path)
     assert sorted(got) == list(range(1, STEPS + 1))
-    assert got == uninterrupted, f"killed at step {kill_at}: losses differ after resume"
+    assert got == uninterrupted[0], f"killed at step {kill_at}: losses differ after resume"
 
 
-def test_sigterm_saves_then_resume_is_bit_identical(tmp_path, uninterrupted):
-    ckpt = tmp_path / "ckpt"
+def test_sigterm_saves_exits_75_without_export_then_resume_is_bit_identical(tmp_path, uninterrupted):
+    ckpt, export = tmp_path / "ckpt", tmp_path / "model"
     # checkpoint.every larger than the run: the only checkpoint is the one written on SIGTERM
-    rc, err = _run_until(tmp_path, signal.SIGTERM, 5, f"checkpoint.dir={ckpt}", "checkpoint.every=1000")
-    assert rc == 0, err[-2000:]
+    args = (f"checkpoint.dir={ckpt}", "checkpoint.every=1000", f"train.export_dir={export}")
+    rc, err = _run_until(tmp_path, signal.SIGTERM, 5, *args)
     stopped = max(_losses(tmp_path))
-    assert stopped < STEPS and "saving a checkpoint" in err
+    assert rc == 75, err[-2000:]
+    assert err.splitlines() == [
+        f"xr-jax sft: stopped at step {stopped} by SIGTERM; checkpoint saved; rerun the same command to resume"]
+    assert stopped < STEPS and not export.exists() and not (tmp_path / "model.partial").exists()
     assert checkpoint.Checkpointer(str(ckpt)).steps() == [stopped]
-    subprocess.run(_cmd(tmp_path, f"checkpoint.dir={ckpt}", "checkpoint.every=1000"), env=_env(), cwd=ROOT,
-                   check=True, capture_output=True)
-    assert _losses(tmp_path) == uninterrupted
+    done = subprocess.run(_cmd(tmp_path, *args), env=_env(), cwd=ROOT, check=True, capture_output=True, text=True)
+    assert done.stdout.splitlines()[-1] == f"done: {STEPS} steps, exported to {export}"
+    assert _losses(tmp_path) == uninterrupted[0]
+    for a, b in zip(jax.tree_util.tree_leaves(_params(export)), jax.tree_util.tree_leaves(uninterrupted[1])):
+        np.testing.assert_array_equal(a, b)
 
 
 # ----------------------------------------------------------------------------- in-process checkpoint tests
@@ -144,7 +166,7 @@ def test_corrupt_or_half_written_latest_checkpoint_falls_back_with_a_message(tmp
         got = checkpoint.Checkpointer(str(tmp_path), keep=5).restore(abstract)
     assert got.step == 1 and got.data_state == {"index": 1} and got.config == {"a": 1}
     _assert_same(got.state, s1)
-    assert "checkpoint step 2" in caplog.text and "unreadable" in caplog.text
+    assert "step 2 is corrupt" in caplog.text and "restored step 1 instead" in caplog.text
 
 
 @pytest.mark.parametrize("save_shape,load_shape", [((2, 2, 2), (1, 1, 1)), ((1, 1, 1), (1, 4, 2))])

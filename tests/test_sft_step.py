@@ -170,7 +170,7 @@ def test_packed_row_loss_equals_separate_rows(reference):
 
 
 def test_step_decay_schedule_is_the_papers():
-    sched = make_schedule(OptimSection(lr=1e-5, schedule="step_decay", decay_per_epoch=0.8), 30, steps_per_epoch=10)
+    sched = make_schedule(OptimSection(lr=1e-5, schedule="step_decay", decay_per_epoch=0.8), 30, epoch_steps=10)
     assert [float(sched(s)) for s in (0, 9, 10, 25)] == pytest.approx([1e-5, 1e-5, 8e-6, 6.4e-6], rel=1e-6)
     warm = make_schedule(OptimSection(lr=1e-4, schedule="cosine", warmup_steps=4), 20)
     assert float(warm(0)) == 0.0 and float(warm(4)) == pytest.approx(1e-4) and float(warm(20)) == pytest.approx(0.0, abs=1e-12)

@@ -1,6 +1,10 @@
-"""Non-finite guard: the step skips the update, the loop counts, saves and stops after K in a row."""
+"""Non-finite guard: the step skips the update, the loop counts, saves and stops after K in a row. Early
+stops (signal, data ran out) save and raise `RunStopped` with their exit codes; exports are atomic."""
 
 import json
+import os
+import pathlib
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +14,7 @@ import pytest
 from xr_jax import checkpoint, parallel
 from xr_jax.config import OptimSection
 from xr_jax.data.random_tokens import RandomTokenBatches
+from xr_jax.errors import EXIT_RESUMABLE, RunStopped
 from xr_jax.models.presets import preset
 from xr_jax.models.qwen2_5_vl import init_params
 from xr_jax.train import loop, sft, state as state_lib
@@ -68,3 +73,73 @@ def test_loop_stops_with_a_checkpoint_after_k_non_finite_steps_in_a_row(tmp_path
     assert ck.restore(jax.eval_shape(lambda: state)).data_state == {"index": 6}
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and sum(r["skipped"] for r in records) == 4
+
+
+def _counting_state():
+    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones(3)}, opt_state=(),
+                                rng=jax.random.PRNGKey(0))
+
+
+def _count(state, batch):
+    return state.replace(step=state.step + 1), {"loss": 1.0, "skipped": 0}
+
+
+class _Finite(_Batches):
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def __next__(self):
+        if self.i == self.n:
+            raise StopIteration
+        return super().__next__()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_exit_75(tmp_path, signum):
+    def step_fn(state, batch):
+        if int(state.step) == 2:
+            os.kill(os.getpid(), signum)  # arrives during step 3: the step finishes, then the loop stops
+        return _count(state, batch)
+
+    ck = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every=100, async_save=False)
+    logger = loop.MetricsLogger(str(tmp_path))
+    with pytest.raises(RunStopped) as stop:
+        loop.run_loop(_counting_state(), step_fn, _Batches(), total_steps=8, put_batch=lambda b: b, logger=logger,
+                      checkpointer=ck, progress=False)
+    logger.close()
+    name = signal.Signals(signum).name
+    assert str(stop.value) == f"stopped at step 3 by {name}; checkpoint saved; rerun the same command to resume"
+    assert stop.value.exit_code == EXIT_RESUMABLE == 75 and ck.steps() == [3]
+    # without a checkpoint.dir nothing can be resumed: the conventional killed-by-signal code, said so
+    with pytest.raises(RunStopped, match=f"stopped at step 3 by {name}; no checkpoint.dir") as stop:
+        loop.run_loop(_counting_state(), step_fn, _Batches(), total_steps=8, put_batch=lambda b: b,
+                      logger=loop.MetricsLogger(str(tmp_path)), progress=False)
+    assert stop.value.exit_code == 128 + signum
+
+
+def test_data_running_out_stops_with_a_checkpoint_and_exit_1(tmp_path):
+    ck = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every=100, async_save=False)
+    with pytest.raises(RunStopped, match="stopped at step 4 of 8: the data ran out; checkpoint saved") as stop:
+        loop.run_loop(_counting_state(), _count, _Finite(4), total_steps=8, put_batch=lambda b: b,
+                      logger=loop.MetricsLogger(str(tmp_path)), checkpointer=ck, progress=False)
+    assert stop.value.exit_code == 1 and ck.steps() == [4]
+
+
+def test_export_is_replaced_only_by_a_complete_one(tmp_path):
+    out = tmp_path / "model"
+
+    def write(text):
+        def fn(tmp):
+            os.makedirs(tmp)
+            (pathlib.Path(tmp) / "a.txt").write_text(text)
+            if text == "broken":
+                raise OSError("disk full")
+        return fn
+
+    assert sft.write_atomically(str(out), write("v1")) == str(out)
+    with pytest.raises(OSError, match="disk full"):
+        sft.write_atomically(str(out), write("broken"))
+    assert (out / "a.txt").read_text() == "v1"  # the failed export left the previous one as it was
+    sft.write_atomically(str(out), write("v2"))
+    assert (out / "a.txt").read_text() == "v2" and sorted(os.listdir(tmp_path)) == ["model"]

@@ -15,7 +15,8 @@ Formats were written from each benchmark's dataset card / release (see docs/eval
                    HuggingFaceH4/MATH-500's `{problem, answer}` is read too.
 - MMLU-Pro         `{question_id, question, options: list, answer: letter, answer_index, category}`.
 - MedQA            `{question, answer: text, options: {A: ...}, answer_idx: letter, meta_info}`
-                   (jind11/MedQA US 5-option files and GBaker/MedQA-USMLE-4-options).
+                   (jind11/MedQA US 5-option files and GBaker/MedQA-USMLE-4-options); bigbio/med_qa's
+                   `options: [{key, value}]` too (the RL reader `sources.medqa_format`).
 - MMMU / MMMU-Pro  `{id, question, options: "['..', ..]" (a stringified list), answer, image_1..image_7,
                    question_type, subject?}`; `<image k>` placeholders refer to `image_k`.
                    MMMU-Pro vision: `{id, image, options, answer, subject}` (question inside the image).
@@ -39,12 +40,14 @@ import random
 import re
 from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence
 
+from xr_jax.errors import UserError
+
 Kind = Literal["multiple_choice", "math"]
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DATA_EXTENSIONS = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".tsv")
 
 
-class BenchmarkFormatError(ValueError):
+class BenchmarkFormatError(UserError, ValueError):
     """A row (or a whole source) that does not fit its benchmark's public format."""
 
 
@@ -82,9 +85,11 @@ class ReadContext:
     benchmark: str
     index: int
     image_root: Optional[str] = None
+    where: Optional[str] = None  # the row's file and line (JSON lines) or row number, for messages
 
     def error(self, message: str) -> BenchmarkFormatError:
-        return BenchmarkFormatError(f"{self.benchmark} row {self.index}: {message}")
+        at = f" ({self.where})" if self.where else ""
+        return BenchmarkFormatError(f"{self.benchmark} row {self.index}{at}: {message}")
 
 
 RowReader = Callable[[Mapping[str, Any], ReadContext], BenchmarkItem]
@@ -267,13 +272,12 @@ def read_mmlu_pro(row: Mapping, ctx: ReadContext) -> BenchmarkItem:
 
 
 def read_medqa(row: Mapping, ctx: ReadContext) -> BenchmarkItem:
-    options = _get(row, "options", ctx, Mapping)
-    choices = {str(k): str(v) for k, v in options.items() if v is not None}
-    letter = _letter(_text(row, "answer_idx", ctx), choices, ctx, "answer_idx")
-    if "answer" in row and row["answer"] is not None and str(row["answer"]).strip() != choices[letter].strip():
-        raise ctx.error(f"answer text {row['answer']!r} is not option {letter} ({choices[letter]!r})")
-    return BenchmarkItem(ctx.benchmark, _row_id(row, ctx, "id"), _text(row, "question", ctx), (letter,),
-                         "multiple_choice", choices, meta={"meta_info": row.get("meta_info")})
+    """MedQA through the data pipeline's reader (the RL source `medqa`), so RL and evaluation read alike."""
+    from xr_jax.data.sources import medqa_format
+
+    ex = _from_source_format(medqa_format(), row, ctx)
+    return BenchmarkItem(ctx.benchmark, _row_id(row, ctx, "id"), ex.question, (ex.answer,), "multiple_choice",
+                         ex.choices, meta={"meta_info": ex.meta.get("meta_info")})
 
 
 def read_mmmu(row: Mapping, ctx: ReadContext) -> BenchmarkItem:
@@ -522,20 +526,34 @@ def _local_files(path: str, split: str, configs: Sequence[str]) -> list[str]:
     return files
 
 
-def _json_rows(file: str) -> list[dict]:
+def _json_rows(file: str) -> list[tuple[str, dict]]:
+    """(where, row) of a JSON lines file (where: file:line) or of a JSON array (where: file, item i)."""
     with open(file, encoding="utf-8") as f:
         text = f.read()
     if file.endswith(".jsonl") or not text.lstrip().startswith("["):
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = [(f"{file}:{n}", _json_line(file, n, line)) for n, line in enumerate(text.splitlines(), 1)
+                if line.strip()]
     else:
-        rows = json.loads(text)
-    if not all(isinstance(r, dict) for r in rows):
-        raise BenchmarkFormatError(f"{file}: expected JSON objects, one per row")
+        try:
+            rows = [(f"{file}, item {i}", r) for i, r in enumerate(json.loads(text))]
+        except json.JSONDecodeError as e:
+            raise BenchmarkFormatError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
+    for where, r in rows:
+        if not isinstance(r, dict):
+            raise BenchmarkFormatError(f"{where}: expected a JSON object, got {type(r).__name__}")
     return rows
 
 
-def read_rows(path_or_id: str, split: str, configs: Sequence[str] = ()) -> Iterator[dict]:
-    """Rows of a local file/directory or a hub id, each with `_base_dir` (for relative image paths)."""
+def _json_line(file: str, line_no: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BenchmarkFormatError(f"{file}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def read_rows(path_or_id: str, split: str, configs: Sequence[str] = ()) -> Iterator[tuple[str, dict]]:
+    """(where, row) of a local file/directory or a hub id; where names the file and line or row (for
+    messages), each row has `_base_dir` (for relative image paths)."""
     import datasets
 
     if os.path.exists(path_or_id):
@@ -548,15 +566,16 @@ def read_rows(path_or_id: str, split: str, configs: Sequence[str] = ()) -> Itera
             else:
                 builder = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "csv"}[ext]
                 kwargs = {"sep": "\t"} if ext == ".tsv" else {}
-                rows = datasets.load_dataset(builder, data_files=file, split="train", **kwargs)
-            for row in rows:
-                yield {**row, "_base_dir": base}
+                table = datasets.load_dataset(builder, data_files=file, split="train", **kwargs)
+                rows = ((f"{file}, row {i}", row) for i, row in enumerate(table))
+            for where, row in rows:
+                yield where, {**row, "_base_dir": base}
         return
     if path_or_id.count("/") != 1 or path_or_id.startswith((".", "/")):
         raise FileNotFoundError(f"{path_or_id}: no such file or directory (and not a hub id 'owner/name')")
     for config in configs or (None,):
-        for row in datasets.load_dataset(path_or_id, config, split=split):
-            yield {**row, "_base_dir": None}
+        for i, row in enumerate(datasets.load_dataset(path_or_id, config, split=split)):
+            yield f"{path_or_id}{f' ({config})' if config else ''} {split} row {i}", {**row, "_base_dir": None}
 
 
 def load_benchmark(
@@ -573,8 +592,8 @@ def load_benchmark(
     if source is None:
         raise ValueError(f"benchmark {name!r} has no hub copy; give the path to its files (see docs/evaluation.md)")
     items = []
-    for index, row in enumerate(read_rows(source, split or bench.split, bench.configs)):
-        item = bench.reader(row, ReadContext(name, index, image_root))
+    for index, (where, row) in enumerate(read_rows(source, split or bench.split, bench.configs)):
+        item = bench.reader(row, ReadContext(name, index, image_root, where))
         if bench.keep is None or bench.keep(item):
             items.append(item)
     if not items:

@@ -20,9 +20,10 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from xr_jax.data import templates
+from xr_jax.errors import UserError
 
 
-class ChatError(ValueError):
+class ChatError(UserError, ValueError):
     """A conversation or an input file that cannot be used; the message names the file and line."""
 
 

@@ -38,7 +38,16 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 COMMANDS["convert"] = ("HF checkpoint <-> xr_jax checkpoint (both directions, bit-exact)", _convert_args, _convert)
 
 
+TRAIN_EPILOG = """\
+Rerunning the same command resumes from the newest checkpoint of checkpoint.dir. Exit codes: 0 done
+(train.export_dir written, "done: N steps, exported to DIR" on stdout); 2 a user error (one line);
+75 stopped by SIGTERM/SIGINT with the checkpoint saved and no export (rerun to resume); 1 stopped early
+for good (non-finite steps, data ran out) or an unexpected error.
+"""
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
+    p.epilog = TRAIN_EPILOG
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=2e-5 mesh.shape=[2,2,2]")
 
@@ -133,6 +142,10 @@ def _sample(args: argparse.Namespace) -> None:
         raise cs.ChatError("--top-p has no effect with --greedy")
     if args.num_samples < 1 or args.batch_size < 1:
         raise cs.ChatError(f"--num-samples ({args.num_samples}) and --batch-size ({args.batch_size}) must be >= 1")
+    if args.output:
+        from xr_jax.errors import check_writable_file
+
+        check_writable_file(args.output, "--output")
     chats = cs.read_chats(args.messages) if args.messages else [cs.prompt_chat(args.prompt, args.image)]
     tokenizer = cs.load_tokenizer_for(args.model, args.tokenizer)
     sampler, params = _build_sampler(args, tokenizer)
@@ -199,7 +212,10 @@ Runs the benchmarks of the config's `eval` section (xr_jax.evaluation.EvalSectio
 `mesh.shape` mesh, with the paper's protocol: its prompt templates, greedy decoding (or eval.protocol=sampling
 for avg/maj/pass@k), responses capped at eval.max_tokens with forced exit. A progress bar per benchmark;
 at the end the table is printed and eval.output_dir gets predictions.jsonl (every response with what
-scoring needs), results.json and results.md.
+scoring needs), results.json and results.md. eval.output_dir is checked writable before the model is
+loaded; responses are appended to predictions.jsonl batch by batch, and rerunning the same command into
+the same eval.output_dir resumes (only the missing batches are generated; changed generation settings,
+kept in generation.json, are refused).
 
 --rescore PRED.jsonl scores a saved predictions file again (no model is loaded) and writes the new
 outputs to eval.output_dir.
@@ -240,8 +256,6 @@ def _eval(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"predictions file {config.eval.rescore!r} does not exist")
     elif not config.model.path:
         raise config_lib.ConfigError("set model.path=CHECKPOINT_DIR (or give --rescore PRED.jsonl)")
-    else:
-        print(f"loading {config.model.path}", file=sys.stderr)
     evaluation.main(config)
 
 
@@ -313,18 +327,11 @@ COMMANDS["plan"] = ("per-device memory and FLOPs of a run on N devices, from a s
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean a user mistake (bad path, config, checkpoint, mesh): one line, exit 2."""
-    from xr_jax.chat_sampling import ChatError
-    from xr_jax.config import ConfigError
+    """Exceptions that mean a user mistake: one line, exit 2. xr_jax's own derive from `UserError`; the
+    built-in ones are a path that does not exist or may not be read or written."""
     from xr_jax.errors import UserError
-    from xr_jax.data.images import ImageError
-    from xr_jax.models.hf import CheckpointError
-    from xr_jax.parallel import MeshError
-    from xr_jax.plan import PlanError
-    from xr_jax.plot import MetricsError
 
-    return (UserError, CheckpointError, ConfigError, MeshError, FileNotFoundError, ChatError, ImageError,
-            MetricsError, PlanError)
+    return (UserError, FileNotFoundError, PermissionError)
 
 
 def main(argv=None) -> int:
@@ -336,11 +343,16 @@ def main(argv=None) -> int:
     from xr_jax.host_memory import reuse_freed_memory
 
     reuse_freed_memory()  # before anything starts JAX's backend (a no-op off the CPU)
+    from xr_jax.errors import EXIT_USER_ERROR, RunStopped
+
     try:
         COMMANDS[args.command][2](args)
+    except RunStopped as e:  # a training run that ended early: its checkpoint is saved, no export written
+        print(f"xr-jax {args.command}: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except user_errors() as e:
         print(f"xr-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     return 0
 
 

@@ -3,22 +3,30 @@
 The mechanism (`from_dict`, `load`, `to_dict`) is generic over dataclasses: a new stage adds a
 section class and a field on `Config` (e.g. `grpo: GRPOSection`), nothing else. Every value is
 checked against its annotation when the config is built, so a typo or a wrong type fails at start
-with the dotted key named, instead of hours into a run.
+with the dotted key named, instead of hours into a run. A setting with a fixed set of values is annotated
+`Literal[...]`, one whose values are registered functions `Annotated[str, registry]`: the annotation is the
+one place that lists what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
-from typing import Any, Optional, Sequence, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Sequence, Union
 
+from xr_jax.data import images as images_lib
 from xr_jax.data.synthetic import SyntheticConfig
 from xr_jax.evaluation import EvalSection
+from xr_jax.errors import UserError
+from xr_jax.models.config import Attention, DType, Remat
+from xr_jax.registry import Registry
+from xr_jax.train.grpo_loss import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the typed tree; the message names the dotted key."""
 
 
@@ -33,11 +41,11 @@ class ModelSection:
     path: Optional[str] = None
     preset: str = "tiny"
     vocab_size: Optional[int] = None
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
     scan_layers: bool = True
-    remat: str = "none"
-    attention: str = "auto"
+    remat: Remat = "none"
+    attention: Attention = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +61,11 @@ class DataSection:
     built-in arithmetic task, `synthetic` sets it up) or a `sources` format name read from `path`. pack:
     first-fit packing of examples into rows (text only). prompt_template: how a question becomes the user turn
     (`templates.PROMPT_TEMPLATES`: the paper's "x_reasoner_train", "plain", ...). system: the system message
-    (None: the chat template's default, "You are a helpful assistant.")."""
+    (None: the chat template's default, "You are a helpful assistant."). min_pixels / max_pixels: the
+    resolution bounds of image rows (`xr_jax.data.images`; default the checkpoints' preprocessor_config.json,
+    3136 / 12845056; the paper's data is text only). overflow (SFT): a sample longer than `train.seq_len` is cut ("truncate", the paper's), skipped ("drop") or continued in the next row ("chunk",
+    llama-recipes' concatenate-and-chunk); the counts are logged and in `<logging.dir>/data_summary.json`.
+    cache_dir: where the counted first pass of `train.epochs` is cached (None: `<logging.dir>/data_cache`)."""
 
     source: str = "random"
     path: Optional[str] = None
@@ -62,8 +74,12 @@ class DataSection:
     system: Optional[str] = None
     split: str = "train"
     pack: bool = True
+    overflow: Literal["truncate", "drop", "chunk"] = "truncate"
     shuffle: bool = True
     tokenizer: Optional[str] = None
+    min_pixels: int = images_lib.DEFAULT_MIN_PIXELS
+    max_pixels: int = images_lib.DEFAULT_MAX_PIXELS
+    cache_dir: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +98,7 @@ class OptimSection:
     b2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
-    schedule: str = "step_decay"
+    schedule: Literal["step_decay", "cosine", "linear", "constant"] = "step_decay"
     warmup_steps: int = 0
     decay_per_epoch: float = 0.8
     min_lr_ratio: float = 0.0
@@ -91,7 +107,10 @@ class OptimSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
-    """steps: total optimizer steps (or `epochs` x `steps_per_epoch`). batch_size: GLOBAL rows per step,
+    """epochs: passes over the data (SFT rows, GRPO prompts); the steps per epoch are counted from the data
+    (`xr_jax.train.epochs`) and set the LR decay points and warmup. steps_per_epoch: a fixed count instead (the
+    data then repeats without end). steps: the total, overriding epochs x steps per epoch (the run stops there;
+    without epochs the data repeats and the schedule has one epoch). batch_size: GLOBAL rows per step,
     split into `microbatches` inside the jitted step. seq_len: tokens per row. freeze_vision: the paper
     trains on text only; the vision tower then gets no gradient and no optimizer state. loss_chunk:
     tokens per chunk of the chunked cross-entropy. nan_patience: stop (with a checkpoint) after this many
@@ -117,18 +136,23 @@ class TrainSection:
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
     """dir None disables checkpoints. every: steps between saves (also at the end and on SIGTERM/SIGINT).
-    keep: how many recent checkpoints stay on disk. async_save: write in a background thread."""
+    keep: how many recent checkpoints stay on disk. async_save: write in a background thread.
+    allow_config_change: resume although these keys (or sections) differ from the checkpoint's config
+    (true: any key); keys in `checkpoint.SAFE_TO_CHANGE` never need it (docs/checkpoints.md)."""
 
     dir: Optional[str] = None
     every: int = 100
     keep: int = 3
     async_save: bool = True
+    allow_config_change: Union[bool, tuple[str, ...]] = False
 
 
 @dataclasses.dataclass(frozen=True)
 class LoggingSection:
-    """JSONL metrics go to `dir`/metrics.jsonl always; TensorBoard and W&B are imported only when enabled;
-    progress: a bar with rate and ETA when stderr is a terminal."""
+    """JSONL metrics go to `dir`/metrics.jsonl always (every `every` steps); TensorBoard and W&B are
+    imported only when enabled; progress: a bar with rate and ETA when stderr is a terminal; print_every:
+    when stdout is not a terminal (nohup, SLURM), a line on stdout every this many steps (step, loss,
+    reward, tokens/s, ETA); 0 = never."""
 
     dir: str = "runs/sft"
     every: int = 1
@@ -136,6 +160,7 @@ class LoggingSection:
     wandb: bool = False
     wandb_project: str = "xr-jax"
     progress: bool = True
+    print_every: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +168,18 @@ class DistributedSection:
     """initialize: "auto" calls `jax.distributed.initialize()` when a cluster is detected (SLURM, TPU pod,
     or `coordinator` set), "always" calls it unconditionally, "never" runs single-process."""
 
-    initialize: str = "auto"
+    initialize: Literal["auto", "always", "never"] = "auto"
     coordinator: Optional[str] = None
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardTerm:
+    """One term of the GRPO reward: `weight` x the reward function registered as `name`."""
+
+    name: str
+    weight: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,17 +192,26 @@ class GRPOSection:
     max_prompt_len / max_new_tokens: prompt budget (longer prompts are dropped and counted) and response
       length (paper: 4096). forced_exit: use the thinking budget `max_think` + `max_answer` in rollouts
       (paper: off in RL); mask_forced: keep forced-exit tokens out of the loss.
-    reward: the reward function's registered name; format_weight: adds weight x the `format` reward.
+    rewards: the reward is the weighted sum of these registered reward functions (`RewardTerm`), e.g.
+      [{name: math, weight: 1.0}, {name: format, weight: 0.1}]; the first is the task reward (logged as
+      `accuracy`), and each is logged unweighted as `reward_<name>`. `math` / `multiple_choice` extract
+      strictly (a closed `<answer>` span, as the X-Reasoner templates ask; no span = 0), `math_lenient` /
+      `multiple_choice_lenient` also take a bare `\\boxed{}` (tagless templates); multiple-choice rows pass
+      their option texts; `format` scores the `<think>…</think><answer>…</answer>` layout.
     reward_modules: modules imported at start so that the rewards they register (`@xr_jax.rewards.register`)
-      can be named in `reward`, e.g. ["my_lab.rewards"] (importable on every host).
-    advantage: "grpo" ((r - mean) / (std + eps), unbiased std) or "dr_grpo" (r - mean).
-    clip_low / clip_high / dual_clip / loss_agg / kl_coef / kl_type / entropy_coef: `GRPOLossConfig`;
-      kl_coef 0 loads no reference model at all.
+      can be named in `rewards`, e.g. ["my_lab.rewards"] (importable on every host).
+    advantage: a registered advantage estimator (`grpo_loss.ADVANTAGES`): "grpo" ((r - mean) / (std + eps),
+      unbiased std), "dr_grpo" (r - mean) or "rloo" (r minus the mean of the group's other rewards).
+    clip_low / clip_high / dual_clip / loss_agg / kl_coef / kl_type / entropy_coef: `GRPOLossConfig`
+      (loss_agg and kl_type name registered functions); kl_coef 0 loads no reference model at all.
     minibatches: optimizer steps per rollout batch (1 = the paper's literal reading); update_passes: passes
       over the rollout batch; microbatches: gradient accumulation inside each optimizer step.
-    old_logprobs: "sampler" (pi_old = the rollout's log-probs) or "recompute" (a training forward first).
-    gap_every: with "sampler", log `sampler_logp_gap` (mean |sampler - trainer log-prob|, one extra forward) on
-      the first rollout step and every `gap_every` steps after; 0 = never.
+    old_logprobs: "sampler" (pi_old = the rollout's log-probs) or "recompute" (a forward pass of the rollout
+      policy before the updates, as verl does: the first minibatch's ratio is then 1 by construction, and
+      sampler/trainer numeric differences do not enter the ratio). The two agree when the sampler's and the
+      trainer's log-probs agree (`sampler_logp_gap`).
+    gap_every: log `sampler_logp_gap` (mean |sampler - trainer log-prob| over loss tokens; with "sampler" one
+      extra forward, with "recompute" free) on the first rollout step and every `gap_every` steps after; 0 = never.
     sampler_dtype: sample with a copy of the params in this dtype (None: the params as they are).
     """
 
@@ -181,25 +223,30 @@ class GRPOSection:
     max_think: int = 3840
     max_answer: int = 256
     mask_forced: bool = True
-    reward: str = "math"
-    format_weight: float = 0.0
+    rewards: tuple[RewardTerm, ...] = (RewardTerm("math"),)
     reward_modules: tuple[str, ...] = ()
     reward_timeout: float = 5.0
     reward_workers: Optional[int] = None
-    advantage: str = "grpo"
+    advantage: Annotated[str, ADVANTAGES] = "grpo"
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: Optional[float] = None
-    loss_agg: str = "token-mean"
+    loss_agg: Annotated[str, AGGREGATIONS] = "token-mean"
     kl_coef: float = 0.01
-    kl_type: str = "k3"
+    kl_type: Annotated[str, KL_ESTIMATORS] = "k3"
     entropy_coef: float = 0.0
     minibatches: int = 1
     update_passes: int = 1
     microbatches: int = 1
-    old_logprobs: str = "sampler"
+    old_logprobs: Literal["sampler", "recompute"] = "sampler"
     gap_every: int = 10
-    sampler_dtype: Optional[str] = None
+    sampler_dtype: Optional[DType] = None
+
+    # Keys of earlier versions: `from_dict` rejects them, naming what replaced them (one way to say it).
+    REPLACED: ClassVar[dict[str, str]] = {
+        "reward": "grpo.rewards: [{name: <reward>, weight: 1.0}]",
+        "format_weight": "grpo.rewards: [{name: <reward>, weight: 1.0}, {name: format, weight: <format_weight>}]",
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,19 +267,6 @@ class Config:
     def validate(self, training: bool = True) -> "Config":
         """Cross-field checks that the types alone cannot express; training=False (evaluation, sampling)
         skips those only a training run needs (its length)."""
-        choices = {
-            "optim.schedule": (self.optim.schedule, ("step_decay", "cosine", "linear", "constant")),
-            "distributed.initialize": (self.distributed.initialize, ("auto", "always", "never")),
-            "model.dtype": (self.model.dtype, ("float32", "bfloat16", "float16")),
-            "model.param_dtype": (self.model.param_dtype, ("float32", "bfloat16", "float16")),
-            "model.remat": (self.model.remat, ("none", "full", "dots")),
-            "model.attention": (self.model.attention, ("auto", "einsum", "cudnn")),
-            "grpo.advantage": (self.grpo.advantage, ("grpo", "dr_grpo")),
-            "grpo.old_logprobs": (self.grpo.old_logprobs, ("sampler", "recompute")),
-        }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
         positive = {
             "train.batch_size": self.train.batch_size, "train.microbatches": self.train.microbatches,
             "train.seq_len": self.train.seq_len, "train.loss_chunk": self.train.loss_chunk,
@@ -245,6 +279,20 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+        try:
+            images_lib.ImageConfig(min_pixels=self.data.min_pixels, max_pixels=self.data.max_pixels)
+        except ValueError as e:
+            raise ConfigError(f"config keys 'data.min_pixels' / 'data.max_pixels': {e}") from None
+        names = [term.name for term in self.grpo.rewards]
+        if not names:
+            raise ConfigError("config key 'grpo.rewards' is empty; list at least one reward, e.g. [{name: math}]")
+        if len(set(names)) < len(names):
+            raise ConfigError(f"config key 'grpo.rewards' names a reward twice: {names}")
+        for i, term in enumerate(self.grpo.rewards):
+            if not math.isfinite(term.weight):
+                raise ConfigError(f"config key 'grpo.rewards[{i}].weight' must be a finite number, got {term.weight}")
+        if self.logging.print_every < 0:
+            raise ConfigError(f"config key 'logging.print_every' must be >= 0 (0 = never), got {self.logging.print_every}")
         if self.grpo.gap_every < 0:
             raise ConfigError(f"config key 'grpo.gap_every' must be >= 0 (0 = never), got {self.grpo.gap_every}")
         if self.train.batch_size % self.train.microbatches:
@@ -252,14 +300,20 @@ class Config:
                 f"train.batch_size {self.train.batch_size} is not divisible by train.microbatches "
                 f"{self.train.microbatches}; choose a batch size that is a multiple of the microbatch count"
             )
-        if training and self.train.steps is None and (self.train.epochs is None or self.train.steps_per_epoch is None):
-            raise ConfigError("set train.steps, or both train.epochs and train.steps_per_epoch")
+        for key in ("epochs", "steps", "steps_per_epoch"):
+            if getattr(self.train, key) is not None and getattr(self.train, key) < 1:
+                raise ConfigError(f"config key 'train.{key}' must be >= 1, got {getattr(self.train, key)}")
+        if training and self.train.steps is None and self.train.epochs is None:
+            raise ConfigError("set train.epochs (passes over the data) or train.steps")
         return self
 
     @property
-    def total_steps(self) -> int:
+    def total_steps(self) -> Optional[int]:
+        """`train.steps`, else epochs x steps_per_epoch; None when the steps per epoch are counted from the data."""
         if self.train.steps is not None:
             return self.train.steps
+        if self.train.epochs is None or self.train.steps_per_epoch is None:
+            return None
         return self.train.epochs * self.train.steps_per_epoch
 
 
@@ -275,6 +329,19 @@ def _coerce(tp, value, key: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is Annotated:
+        base, *extras = typing.get_args(tp)
+        value = _coerce(base, value, key)
+        for registry in extras:
+            if isinstance(registry, Registry) and value not in registry:
+                raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(registry.names())} "
+                                  f"(the registered {registry.kind}s)")
+        return value
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -301,6 +368,11 @@ def _coerce(tp, value, key: str):
         return dict(value)
     if tp is Any:
         return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(map(str, allowed))}")
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
@@ -315,21 +387,28 @@ def _coerce(tp, value, key: str):
 
 
 def from_dict(cls, data: Optional[dict], prefix: str = ""):
-    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise `ConfigError`."""
+    """Build dataclass `cls` from a nested dict; unknown keys, keys in `cls.REPLACED`, missing required keys and
+    wrong types raise `ConfigError`."""
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix or '<root>'}' must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
+    replaced = getattr(cls, "REPLACED", {})
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
+        if name in replaced:
+            raise ConfigError(f"config key '{key}' was replaced; write {replaced[name]}")
         if name not in fields:
             near = difflib.get_close_matches(str(name), list(fields), n=1)
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else (
                 f" (known keys: {', '.join(fields)})")
             raise ConfigError(f"unknown config key '{key}'{hint}")
         kwargs[name] = _coerce(hints[name], value, key)
+    for f in fields.values():
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"config key '{prefix or '<root>'}' needs '{f.name}'")
     return cls(**kwargs)
 
 

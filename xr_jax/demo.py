@@ -10,8 +10,10 @@ built-in synthetic arithmetic task, as text and rendered into images:
   stage 2  GRPO on text only (math reward, group advantages, clip-higher, k3 KL);
   eval     greedy with forced exit on held-out text and image problems, for base / SFT / SFT+GRPO, each model
            with the prompt of its last stage, the same for text and images (`EVAL_TEMPLATE`).
-It prints the accuracy table, and writes each stage's checkpoints and metrics log plus a PNG of the curves:
-the paper's question — does text-only reasoning training transfer to images? — at toy scale.
+It prints the table (accuracy on text and image problems, how often image answers restate the image, how
+often each model transcribes an image when asked), and writes each stage's checkpoints and metrics log plus
+a PNG with one panel per stage and metric: the paper's question — does text-only reasoning training transfer
+to images? — at toy scale.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 import numpy as np
 
 from xr_jax import config as config_lib
+from xr_jax.data.synthetic import READ_QUESTION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +98,7 @@ def evaluate(model_dir: str, task: str, n: int, pool, template: str = "think", s
 
 
 def main(out_dir: str = "runs/demo", quick: bool = False) -> dict:
-    from xr_jax.data.synthetic import READ_QUESTION
-    from xr_jax.plot import plot_runs
+    from xr_jax.plot import plot_panels
     from xr_jax.rewards import RewardPool
     from xr_jax.train import grpo, sft
 
@@ -113,36 +115,64 @@ def main(out_dir: str = "runs/demo", quick: bool = False) -> dict:
                            "train.seq_len=540", "optim.lr=2e-3", f"train.steps={size.sft_steps}"]),
         ("grpo", grpo.main, [f"model.path={out_dir}/sft/model", *REASONING, "data.synthetic.seed=1",
                              "train.batch_size=16", "grpo.group_size=8", "grpo.max_prompt_len=128",
-                             "grpo.max_new_tokens=96", "grpo.format_weight=0.5", "optim.lr=1e-4",
-                             f"train.steps={size.grpo_steps}"]),
+                             "grpo.max_new_tokens=96", "grpo.rewards=[{name: math, weight: 1.0}, {name: format, weight: 0.5}]",
+                             "optim.lr=1e-4", f"train.steps={size.grpo_steps}"]),
     ]
     for name, run, overrides in stages:
         print(f"\n== stage {name}", flush=True)
         run(_stage(name, out_dir, overrides))
     print("\n== evaluation (greedy, forced exit: thinking budget "
           f"{MAX_THINK} tokens, answer {MAX_ANSWER})", flush=True)
-    table, reads = {}, {}
+    table = {}
     with RewardPool(2) as pool:
         for name, _, _ in stages:
-            (text, _), (image, read) = (evaluate(f"{out_dir}/{name}/model", task, size.eval_problems, pool,
-                                                 EVAL_TEMPLATE[name]) for task in ("text-cot", "image-cot"))
-            table[name], reads[name] = {"text": text, "image": image}, read
-        # The precondition of transfer: can the base model read? (its own transcription prompt, not the reasoning one)
-        _, transcribed = evaluate(f"{out_dir}/base/model", "image-read", size.eval_problems, pool, template="plain")
-    rows = [f"| {'model':10s} | text acc | image acc | image read |", "|---|---|---|---|"]
-    labels = {"base": "base", "sft": "SFT", "grpo": "SFT+GRPO"}
-    rows += [f"| {labels[k]:10s} | {v['text']:8.1%} | {v['image']:9.1%} | {reads[k]:10.1%} |" for k, v in table.items()]
-    rows += ["", "image read: outputs on image problems that state the expression in the image. The base model "
-                 f"transcribes {transcribed:.1%} of the images when asked to (\"{READ_QUESTION}\")."]
-    png = plot_runs([f"{out_dir}/{n}" for n in ("sft", "grpo")], metrics=["loss", "reward_mean", "accuracy"],
-                    out=f"{out_dir}/curves.png")
-    summary = "\n".join(rows)
+            model = f"{out_dir}/{name}/model"
+            (text, _), (image, restates) = (evaluate(model, task, size.eval_problems, pool, EVAL_TEMPLATE[name])
+                                            for task in ("text-cot", "image-cot"))
+            # The precondition of transfer, for every model alike: can it read? (the transcription question of
+            # the base stage, under the bare-question template the base stage trained it with)
+            _, transcribes = evaluate(model, "image-read", size.eval_problems, pool, template="plain")
+            table[name] = {"text": text, "image": image, "image_restates": restates, "transcribes": transcribes}
+    summary = results_table(table, size.eval_problems)
+    figure = f"{out_dir}/curves.png"
+    png = plot_panels([(f"{out_dir}/{stage}", metric, title) for stage, metric, title in PANELS], out=figure)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(summary + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"accuracy": table, "image_read": reads, "base_transcription": transcribed,
+        json.dump({"results": table, "eval_problems": size.eval_problems, "columns": COLUMNS,
                    "seconds": time.perf_counter() - t0, "quick": quick}, f, indent=2)
     print("\n" + summary)
-    print(f"\ncurves: {out_dir}/curves.png ({', '.join(png)}); metrics: {out_dir}/*/metrics.jsonl; "
+    print(f"\ncurves: {figure} ({len(png)} panels); metrics: {out_dir}/*/metrics.jsonl; "
           f"{time.perf_counter() - t0:.0f} s")
     return table
+
+
+# The figure: one panel per stage and metric (an SFT loss and GRPO's surrogate loss do not share an axis).
+PANELS = [
+    ("base", "loss", "base stage: SFT loss (nats/token)"),
+    ("sft", "loss", "SFT stage: loss (nats/token)"),
+    ("grpo", "accuracy", "GRPO: math reward (rollout accuracy)"),
+    ("grpo", "reward_format", "GRPO: format reward (weight 0.5)"),
+    ("grpo", "reward_mean", "GRPO: total reward = math + 0.5 x format"),
+    ("grpo", "loss", "GRPO: policy loss (surrogate, ~0 by design)"),
+]
+COLUMNS = {
+    "text": "text acc: correct answers on held-out text problems (greedy, forced exit), asked with the model's "
+            "last-stage prompt (base: the bare question; SFT, SFT+GRPO: the reasoning instruction)",
+    "image": "image acc: the same on the same kind of problems rendered into an image",
+    "image_restates": "image restates: image-problem outputs that state the expression in the image (\"The "
+                      "expression is 2 + 3.\"), as the SFT traces open; the base answers directly, so its 0% "
+                      "says nothing about reading",
+    "transcribes": f"transcribes: images whose expression the model states (\"The expression is 2 + 3.\") when "
+                   f"asked \"{READ_QUESTION}\" (bare-question prompt): can it read the image at all, the "
+                   "precondition of transfer",
+}
+
+
+def results_table(table: dict, n: int) -> str:
+    """The markdown table, each column explained below it (shares of `n` held-out problems per cell)."""
+    labels = {"base": "base", "sft": "SFT", "grpo": "SFT+GRPO"}
+    rows = [f"| {'model':10s} | text acc | image acc | image restates | transcribes |", "|---|---|---|---|---|"]
+    rows += [f"| {labels[k]:10s} | {v['text']:8.1%} | {v['image']:9.1%} | {v['image_restates']:14.1%} | "
+             f"{v['transcribes']:11.1%} |" for k, v in table.items()]
+    return "\n".join(rows + ["", f"{n} held-out problems per cell."] + [f"- {text}" for text in COLUMNS.values()])

@@ -1,8 +1,14 @@
-"""The one base class of user mistakes, and the start-of-run check that an output path is writable.
+"""The one base class of user mistakes, how a run that stopped early says so, the CLI's exit codes, and
+the start-of-run check that an output path is writable.
 
 Every error a user can fix (a bad path, config value, data row, checkpoint directory) derives from
 `UserError`: the CLI prints it as one line on stderr and exits 2, instead of a traceback. Errors that
 mean a bug in xr_jax stay ordinary exceptions and keep their traceback.
+
+Exit codes of `xr-jax` (README "Exit codes"): 0 the command completed (a training run wrote its export);
+2 a user error; 75 (EX_TEMPFAIL) a training run stopped by SIGTERM/SIGINT with its checkpoint saved, so
+rerunning the same command resumes it (launch/slurm_gpu.sh requeues the job on 75); 1 a training run that
+stopped early for good (non-finite steps, data ran out; a checkpoint is saved) or an unexpected error.
 """
 
 from __future__ import annotations
@@ -11,8 +17,23 @@ import os
 import tempfile
 
 
+EXIT_USER_ERROR = 2
+EXIT_RESUMABLE = 75  # EX_TEMPFAIL (sysexits.h): "try again later" -- rerun the same command to resume
+EXIT_STOPPED = 1
+
+
 class UserError(Exception):
     """A mistake the user can fix; its message says what and where (key, file and line)."""
+
+
+class RunStopped(Exception):
+    """A training run ended before `train.steps` (signal, non-finite steps, data ran out): its checkpoint
+    is saved and no export is written, so a `sft && grpo` chain stops here. The CLI prints the message as
+    one line on stderr and exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_STOPPED):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class OutputNotWritable(UserError, PermissionError):
@@ -36,7 +57,12 @@ def check_writable_dir(path: str, what: str) -> str:
 
 def check_writable_file(path: str, what: str) -> str:
     """`check_writable_dir` for the folder a file will be written to (the file itself is not created)."""
-    check_writable_dir(os.path.dirname(os.path.abspath(path)) or ".", what)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        check_writable_dir(folder, what)
+    except OutputNotWritable as e:
+        raise OutputNotWritable(f"{what} {path!r} cannot be written: {e}".replace(f"{what} {folder!r}",
+                                                                                 f"its folder {folder!r}")) from None
     if os.path.isdir(path):
         raise OutputNotWritable(f"{what} {path!r} is a directory, not a file")
     if os.path.exists(path) and not os.access(path, os.W_OK):

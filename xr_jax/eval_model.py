@@ -109,4 +109,4 @@ class ModelGenerator:
             model_cfg = model_cfg.replace(dtype=m.dtype)
         assets = os.path.join(m.path, convert.ASSETS_DIR)
         tokenizer = load_tokenizer(assets if convert.is_model_checkpoint(m.path) else m.path)
-        return cls(model_cfg, params, tokenizer, mesh=mesh)
+        return cls(model_cfg, params, tokenizer, mesh=mesh, image_config=config.eval.image_config())

@@ -14,6 +14,13 @@ Every prediction is written to `predictions.jsonl` with what rescoring needs (go
 kind), and all metrics are computed from those records only, so `rescore(predictions.jsonl)` reproduces
 the live run's numbers exactly, and a changed scorer can be applied without regenerating.
 
+Resuming: each batch's responses are appended to `predictions.jsonl` (flushed) as soon as they are
+generated, and the generation settings go to `generation.json` beside it. A rerun into the same
+`output_dir` reuses every batch whose responses are all there (keyed by benchmark, item id and sample
+index; the prompt must be the same) and generates only the rest, so an interrupted evaluation loses at
+most one batch. Batches keep the clean run's boundaries and seeds, so a resumed run's results equal an
+uninterrupted one's. Changed generation settings are refused (`ResumeMismatch`), never mixed.
+
 Metrics per benchmark (k samples per question; k = 1 for greedy):
 - avg@k: mean correctness over all samples (accuracy when k = 1);
 - maj@k: the most frequent parsed answer (vote key) is correct; ties go to the answer seen first;
@@ -32,13 +39,25 @@ import dataclasses
 import json
 import os
 import statistics
+import sys
 import time
 from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 from xr_jax import benchmarks as bm
+from xr_jax.data import images as images_lib
+from xr_jax.errors import UserError, check_writable_dir
 
 FINISH_REASONS = ("eos", "forced_exit", "length")
 PREDICTIONS_FILE = "predictions.jsonl"
+SETTINGS_FILE = "generation.json"
+
+
+class ResumeMismatch(UserError, ValueError):
+    """`eval.output_dir` holds predictions generated differently: they would mix with the new ones."""
+
+
+class PredictionsError(UserError, ValueError):
+    """A predictions file line that is not a prediction record (names the file and line)."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -58,6 +77,10 @@ class EvalSection:
     forced_exit: False reproduces the "before forced exit" column of the paper's Table 2.
     batch_size: prompts per generate call (rows = batch_size * k); a multiple of the mesh's data axis.
     mc_template / math_template: prompt template names (`xr_jax.data.templates`).
+    min_pixels / max_pixels: the image resolution bounds (`smart_resize`); the default is the checkpoints'
+        `preprocessor_config.json` (3136 / 12845056, what vLLM uses unset; the paper does not say), the
+        X-Reasoner-7B model card's example uses 262144 / 262144 (`xr_jax.data.images` documents both).
+        Recorded in results.json.
     rescore: a predictions.jsonl to re-score instead of generating (no model is loaded).
     """
 
@@ -77,10 +100,19 @@ class EvalSection:
     score_workers: int = 4
     score_timeout: float = 10.0
     rescore: Optional[str] = None
+    min_pixels: int = images_lib.DEFAULT_MIN_PIXELS
+    max_pixels: int = images_lib.DEFAULT_MAX_PIXELS
 
     @property
     def k(self) -> int:
         return 1 if self.protocol == "greedy" else self.num_samples
+
+    def image_config(self) -> images_lib.ImageConfig:
+        """The image preprocessing of this evaluation (raises ValueError on bad pixel bounds)."""
+        try:
+            return images_lib.ImageConfig(min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        except ValueError as e:
+            raise ValueError(f"eval.min_pixels / eval.max_pixels: {e}") from None
 
     def validate(self) -> "EvalSection":
         if self.protocol not in ("greedy", "sampling"):
@@ -90,6 +122,7 @@ class EvalSection:
                 raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
         if self.protocol == "sampling" and not self.temperature > 0:
             raise ValueError(f"eval.temperature must be > 0 for protocol 'sampling', got {self.temperature}")
+        self.image_config()
         if self.max_answer >= self.max_tokens:
             raise ValueError(f"eval.max_answer ({self.max_answer}) must be below eval.max_tokens ({self.max_tokens})")
         if not self.benchmarks and self.rescore is None:
@@ -203,7 +236,7 @@ class Record:
             d["answers"] = tuple(d["answers"])
             return cls(**d)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{where}: not a prediction record ({e})") from None
+            raise PredictionsError(f"{where}: not a prediction record ({e})") from None
 
     @property
     def parsed(self) -> bool:
@@ -238,15 +271,25 @@ def generation_budget(cfg: EvalSection, exit_len: int) -> dict:
 
 def generate_records(
     items: Sequence[bm.BenchmarkItem], generator: Generator, cfg: EvalSection, progress: bool = True,
+    done: Optional[dict[tuple, Record]] = None, on_batch: Optional[Callable[[list[Record]], None]] = None,
 ) -> list[Record]:
     """Generate k responses per item in batches (unscored records). A generator that returns a response
-    longer than the cap, or an unknown finish reason, is an error: the protocol's cap must hold."""
+    longer than the cap, or an unknown finish reason, is an error: the protocol's cap must hold.
+
+    done: records of an earlier run by (benchmark, id, sample); a batch whose records are all there is
+    reused, not generated. on_batch: called with each generated batch's records (to save them at once).
+    """
     budget = generation_budget(cfg, generator.exit_len)
     prompts = [render_prompt(item, cfg) for item in items]
     records: list[Record] = []
     bar = _progress(len(items), f"generate ({items[0].benchmark})" if items else "generate", progress)
     for start in range(0, len(items), cfg.batch_size):
         batch = prompts[start:start + cfg.batch_size]
+        reused = _reusable(items[start:start + cfg.batch_size], batch, cfg.k, done or {})
+        if reused is not None:
+            records += reused
+            bar.update(len(batch))
+            continue
         outs = generator.generate(
             batch, greedy=cfg.protocol == "greedy", temperature=cfg.temperature, num_samples=cfg.k,
             seed=cfg.seed + start, **budget,
@@ -254,6 +297,7 @@ def generate_records(
         if len(outs) != len(batch) or any(len(o) != cfg.k for o in outs):
             raise RuntimeError(
                 f"generator returned {[len(o) for o in outs]} samples for {len(batch)} prompts x {cfg.k}")
+        new = []
         for item, prompt, gens in zip(items[start:start + cfg.batch_size], batch, outs):
             for s, g in enumerate(gens):
                 if g.num_tokens > cfg.max_tokens:
@@ -261,13 +305,34 @@ def generate_records(
                         f"{item.id}: response of {g.num_tokens} tokens exceeds eval.max_tokens {cfg.max_tokens}")
                 if g.finish_reason not in FINISH_REASONS:
                     raise RuntimeError(f"{item.id}: unknown finish reason {g.finish_reason!r}")
-                records.append(Record(
+                new.append(Record(
                     item.benchmark, item.id, s, item.kind, item.answers, item.choices, prompt.text,
                     g.text, g.num_tokens, g.finish_reason, g.forced,
                 ))
+        if on_batch is not None:
+            on_batch(new)
+        records += new
         bar.update(len(batch))
     bar.close()
     return records
+
+
+def _reusable(items: Sequence[bm.BenchmarkItem], prompts: Sequence[EvalPrompt], k: int,
+              done: dict[tuple, Record]) -> Optional[list[Record]]:
+    """The earlier run's records of a whole batch, or None when any is missing. A record whose prompt
+    differs from today's (another template or data) is refused, not mixed in."""
+    out = []
+    for item, prompt in zip(items, prompts):
+        for s in range(k):
+            r = done.get((item.benchmark, item.id, s))
+            if r is None:
+                return None
+            if r.prompt != prompt.text:
+                raise ResumeMismatch(
+                    f"{item.id}: the prompt in the saved predictions differs from today's (data or template "
+                    "changed); use another eval.output_dir or delete its predictions.jsonl")
+            out.append(r)
+    return out
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -290,8 +355,8 @@ def score_records(records: Sequence[Record], scorer: Scorer) -> list[Record]:
 class RewardScorer:
     """Scores with the project's reward functions (`multiple_choice`, `math`) in the reward worker pool.
 
-    Extraction (last `<answer>` span, then `\\boxed{}`) and option matching are the rewards' own, so an
-    evaluation scores exactly what RL rewarded. Items with several accepted answers (MMMU open questions)
+    Extraction (strict: the last closed `<answer>` span, then a `\\boxed{}` inside it) and option matching
+    are the rewards' own, so an evaluation scores exactly what RL rewarded. Items with several accepted answers (MMMU open questions)
     are correct when any one matches.
     """
 
@@ -443,9 +508,74 @@ def write_predictions(path: str, records: Sequence[Record]) -> None:
     os.replace(tmp, path)
 
 
-def read_predictions(path: str) -> list[Record]:
+def read_predictions(path: str, torn_tail_ok: bool = False) -> list[Record]:
+    """The records of a predictions file. torn_tail_ok: drop an unreadable last line (a run killed while
+    appending it) instead of failing."""
     with open(path, encoding="utf-8") as f:
-        return [Record.from_json(line, f"{path}:{i + 1}") for i, line in enumerate(f) if line.strip()]
+        lines = [(i + 1, line) for i, line in enumerate(f) if line.strip()]
+    if torn_tail_ok and lines:
+        try:
+            Record.from_json(lines[-1][1])
+        except PredictionsError:
+            lines.pop()
+    return [Record.from_json(line, f"{path}:{n}") for n, line in lines]
+
+
+def generation_settings(cfg: EvalSection, model: Optional[str]) -> dict:
+    """What decides the responses: a rerun resumes a predictions file only when these are unchanged (the
+    seed and batch size only matter when sampling)."""
+    settings = {"model": model, "protocol": cfg.protocol, "k": cfg.k,
+                "temperature": cfg.temperature if cfg.k > 1 else 0.0, "max_tokens": cfg.max_tokens,
+                "max_answer": cfg.max_answer, "forced_exit": cfg.forced_exit, "mc_template": cfg.mc_template,
+                "math_template": cfg.math_template, "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}
+    if cfg.k > 1:
+        settings.update(seed=cfg.seed, batch_size=cfg.batch_size)
+    return settings
+
+
+def check_resumable(out_dir: str, settings: dict) -> bool:
+    """Whether `out_dir` holds predictions to resume (False: none); raises `ResumeMismatch` when they were
+    generated with other settings. Called at start, before the model is loaded."""
+    predictions = os.path.join(out_dir, PREDICTIONS_FILE)
+    if not os.path.exists(predictions) or os.path.getsize(predictions) == 0:  # empty: a run that failed at start
+        return False
+    path = os.path.join(out_dir, SETTINGS_FILE)
+    saved = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+    if saved != settings:
+        changed = ("no " + SETTINGS_FILE if saved is None else ", ".join(
+            f"{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(saved) | set(settings))
+            if saved.get(k) != settings.get(k)))
+        raise ResumeMismatch(f"eval.output_dir {out_dir!r} holds predictions generated with other settings "
+                             f"({changed}); use another eval.output_dir or delete its {PREDICTIONS_FILE}")
+    return True
+
+
+class PredictionsLog:
+    """predictions.jsonl while generating: each batch's records appended and flushed; on a rerun with the
+    same settings, `done` holds the records already there (by benchmark, id, sample)."""
+
+    def __init__(self, out_dir: str, settings: dict):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, PREDICTIONS_FILE)
+        self.done: dict[tuple, Record] = {}
+        if check_resumable(out_dir, settings):
+            kept = read_predictions(self.path, torn_tail_ok=True)
+            self.done = {(r.benchmark, r.id, r.sample): r for r in kept}
+            write_predictions(self.path, kept)  # without a torn last line, so appends start on a new line
+            print(f"eval: resuming from {len(self.done)} predictions in {self.path}", file=sys.stderr)
+        with open(os.path.join(out_dir, SETTINGS_FILE), "w") as f:
+            json.dump(settings, f, indent=2)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def append(self, records: Sequence[Record]) -> None:
+        self._file.write("".join(r.to_json() + "\n" for r in records))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def write_results(out_dir: str, records: Sequence[Record], metrics: dict[str, BenchmarkMetrics],
@@ -474,19 +604,33 @@ def evaluate(
     """Run the suite: read each benchmark, generate, score, write outputs; returns the metrics.
 
     items_by_benchmark: pre-read items (tests); by default each benchmark is read per `cfg.sources`.
+    Responses already in `cfg.output_dir`/predictions.jsonl from an interrupted run with the same
+    settings are reused (see the module docstring).
     """
     cfg.validate()
+    used = getattr(generator, "image_config", None)
+    if used is not None and used != cfg.image_config():
+        raise ValueError(f"the generator preprocesses images with min/max pixels {used.min_pixels}/{used.max_pixels} "
+                         f"but eval.min_pixels/max_pixels are {cfg.min_pixels}/{cfg.max_pixels}: results.json would "
+                         "record the wrong resolution")
+    settings = generation_settings(cfg, (info or {}).get("model"))
+    log = PredictionsLog(cfg.output_dir, settings) if _is_main_process() else None
     records: list[Record] = []
     started = time.time()
-    for name in cfg.benchmarks:
-        if items_by_benchmark is not None and name in items_by_benchmark:
-            items = items_by_benchmark[name]
-        else:
-            items = bm.load_benchmark(name, **source_spec(cfg, name))
-        records += score_records(generate_records(items, generator, cfg, progress), scorer)
+    try:
+        for name in cfg.benchmarks:
+            if items_by_benchmark is not None and name in items_by_benchmark:
+                items = items_by_benchmark[name]
+            else:
+                items = bm.load_benchmark(name, **source_spec(cfg, name))
+            records += score_records(generate_records(
+                items, generator, cfg, progress, done=log.done if log else None,
+                on_batch=log.append if log else None), scorer)
+    finally:
+        if log is not None:
+            log.close()
     metrics = compute_metrics(records)
-    info = {**(info or {}), "protocol": cfg.protocol, "k": cfg.k, "temperature": cfg.temperature if cfg.k > 1 else 0.0,
-            "max_tokens": cfg.max_tokens, "max_answer": cfg.max_answer, "forced_exit": cfg.forced_exit,
+    info = {**(info or {}), **{k: v for k, v in settings.items() if k != "model"},
             "seconds": round(time.time() - started, 1)}
     if _is_main_process():
         write_results(cfg.output_dir, records, metrics, info)
@@ -514,6 +658,10 @@ def main(config: Any) -> dict[str, BenchmarkMetrics]:
     """
     cfg: EvalSection = config.eval
     cfg.validate()
+    check_writable_dir(cfg.output_dir, "eval.output_dir")  # at start, not after hours of generation
+    if cfg.rescore is None:
+        model = config.model.path
+        check_resumable(cfg.output_dir, generation_settings(cfg, model))
     scorer = RewardScorer(cfg.score_workers, cfg.score_timeout)
     try:
         if cfg.rescore is not None:
@@ -521,8 +669,9 @@ def main(config: Any) -> dict[str, BenchmarkMetrics]:
         else:
             from xr_jax.eval_model import ModelGenerator
 
+            print(f"loading {model}", file=sys.stderr)
             generator = ModelGenerator.from_config(config)
-            metrics = evaluate(cfg, generator, scorer, info={"model": getattr(config.model, "path", None)})
+            metrics = evaluate(cfg, generator, scorer, info={"model": model})
     finally:
         scorer.close()
     if _is_main_process():

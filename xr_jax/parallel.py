@@ -18,6 +18,8 @@ from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from xr_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
@@ -48,7 +50,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     pass
 
 
@@ -245,6 +247,14 @@ def each_process(value: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(np.asarray(value)))
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across processes (a no-op with one): e.g. no process renames files another still writes."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def put_global(full: np.ndarray, sharding: NamedSharding) -> jax.Array:

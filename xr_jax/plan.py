@@ -29,6 +29,8 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
+from xr_jax.errors import UserError
+
 GIB = 2**30
 
 # Memory per device (what the runtime reports as total) and dense bf16 peak FLOP/s (datasheets).
@@ -46,7 +48,7 @@ REMATS = ("none", "dots", "full")  # cheapest first: recompute costs time
 _WORKER_TAG = "XRPLAN "
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A plan request that cannot be answered (bad memory size, unknown device kind, no devices)."""
 
 
@@ -271,11 +273,8 @@ def measure(config, layout: Layout, stage: str = "sft", compile: bool = True) ->
         return out
     tr = config.train
     frozen = ("visual",) if tr.freeze_vision and cfg.vision is not None else ()
-    if stage == "grpo":
-        updates = config.total_steps * config.grpo.minibatches * config.grpo.update_passes
-        tx, schedule = state_lib.make_optimizer(config.optim, updates, None, frozen)
-    else:
-        tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps, tr.steps_per_epoch, frozen)
+    # The optimizer state's shapes do not depend on the schedule: counted epochs (total_steps None) need no data.
+    tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps or 1, None, frozen)
     init = lambda key: init_params(cfg, key)  # noqa: E731
     shardings = state_lib.state_shardings(tx, jax.eval_shape(init, jax.random.PRNGKey(0)), mesh)
     state = state_lib.abstract_state(init, tx, shardings)

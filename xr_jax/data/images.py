@@ -18,26 +18,44 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from xr_jax.errors import UserError
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image that cannot be read or used; the message names the sample."""
+
+
+# The resolution bounds (pixels of the resized image). [xr_jax default] the released Qwen2.5-VL checkpoints'
+# `preprocessor_config.json` (not the processor class defaults, 3136 / 1003520): what transformers and vLLM use
+# when nothing is set. The paper does not state its resolution. The X-Reasoner-7B model card's example sets
+# min = max = 262144 (512x512; reference qwen2_5_vl.md §5.1). Configurable: `eval.min_pixels` / `max_pixels`
+# and `data.min_pixels` / `max_pixels`.
+DEFAULT_MIN_PIXELS = 4 * 28 * 28  # 3136
+DEFAULT_MAX_PIXELS = 16384 * 28 * 28  # 12845056
+MODEL_CARD_PIXELS = 512 * 512  # 262144, the X-Reasoner-7B card's min_pixels = max_pixels
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageConfig:
     """Defaults are the released checkpoints' `preprocessor_config.json` (not the class defaults)."""
 
-    min_pixels: int = 4 * 28 * 28  # 3136
-    max_pixels: int = 16384 * 28 * 28  # 12845056
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+    def __post_init__(self):
+        if not (isinstance(self.min_pixels, int) and isinstance(self.max_pixels, int)
+                and 0 < self.min_pixels <= self.max_pixels):
+            raise ValueError(f"image pixel bounds need 0 < min_pixels <= max_pixels, got min_pixels "
+                             f"{self.min_pixels!r}, max_pixels {self.max_pixels!r}")
 
     @property
     def factor(self) -> int:

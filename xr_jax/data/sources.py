@@ -1,4 +1,4 @@
-"""Readers: one normalised `Example` per row of OpenThoughts, Orz-math, ORZ-eval, GSM8K (and the synthetic task).
+"""Readers: one normalised `Example` per row of OpenThoughts, Orz-math, ORZ-eval, GSM8K, MedQA (and the synthetic task).
 
 Rows are read through `datasets` (random access, memory-mapped Arrow) from local json/jsonl/parquet/arrow files
 or directories, or from a hub id when online. `datasets` >= 4 never runs dataset scripts, so no remote code can
@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 from xr_jax.data import templates
+from xr_jax.errors import UserError
 
 SCHEMA_SAMPLE_ROWS = 32  # rows inspected at start to decide whether a raw-JSON source has the right schema
 
@@ -36,7 +37,7 @@ class BadRow(ValueError):
         self.detail = detail
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """The source's columns do not fit the format at all (raised at start, not in the middle of a run)."""
 
 
@@ -47,7 +48,7 @@ class Example:
     question: the problem text, without any prompt template.
     response: the SFT target (assistant turn), already in the `<think>…</think>…<answer>…</answer>` form.
     answer: the verifiable ground truth (RL / eval), e.g. "18", "\\frac{1}{2}", "C".
-    choices: multiple-choice options {letter: text} (eval), in order.
+    choices: multiple-choice options {letter: text} (RL and eval), in order.
     images: image references (paths, bytes, PIL images, arrays, datasets Image cells), images first in the turn.
     meta: anything else worth carrying to evaluation logs (file name, domain).
     """
@@ -214,11 +215,49 @@ def gsm8k_format(strip_calculator: bool = True) -> Format:
     return Format("gsm8k", ("question", "answer"), to_example)
 
 
+def _medqa_choices(options: Any) -> dict[str, str]:
+    """`{A: text, ...}` (jind11/MedQA, GBaker) or `[{key: A, value: text}, ...]` (bigbio/med_qa source schema)."""
+    if isinstance(options, Mapping):
+        pairs = list(options.items())
+    elif isinstance(options, list) and all(isinstance(o, Mapping) and {"key", "value"} <= set(o) for o in options):
+        pairs = [(o["key"], o["value"]) for o in options]
+    else:
+        raise BadRow("wrong_type", "'options' should map letters to texts (or be a list of {key, value})")
+    choices = {str(k).strip(): v for k, v in pairs if v is not None}
+    if not choices or not all(isinstance(v, str) and v.strip() for v in choices.values()):
+        raise BadRow("wrong_type", f"'options' should hold non-empty option texts, got {options!r:.120}")
+    return choices
+
+
+def medqa_format() -> Format:
+    """MedQA (USMLE) multiple choice, 4 or 5 options: `{question, options, answer_idx: letter, answer?: text,
+    meta_info?}`. `options` is `{A: text, ...}` in jind11/MedQA (`data_clean/questions/US/*.jsonl`, 5 options)
+    and GBaker/MedQA-USMLE-4-options, or `[{key, value}, ...]` in bigbio/med_qa's source schema (5 options).
+    The answer is the option letter (the RL reward and evaluation also credit the option text); `answer`, when
+    present, must be that option's text. Shared by RL (`data.source: medqa`) and evaluation (`medqa`,
+    `medqa_4op`)."""
+
+    def to_example(row: Mapping, rid: str) -> Example:
+        question = _text(row, "question", "empty_question")
+        choices = _medqa_choices(_field(row, "options", object))
+        letter = _text(row, "answer_idx", "empty_answer").strip()
+        if letter not in choices:
+            raise BadRow("bad_answer", f"answer_idx {letter!r} is not one of the option letters {list(choices)}")
+        text = row.get("answer")
+        if text is not None and str(text).strip() != choices[letter].strip():
+            raise BadRow("bad_answer", f"answer text {text!r} is not option {letter} ({choices[letter]!r})")
+        meta = {"meta_info": row["meta_info"]} if row.get("meta_info") is not None else {}
+        return Example(id=str(row.get("id", rid)), question=question, answer=letter, choices=choices, meta=meta)
+
+    return Format("medqa", ("question", "options", "answer_idx"), to_example)
+
+
 FORMATS: dict[str, Callable[..., Format]] = {
     "openthoughts": openthoughts_format,
     "orz_math": orz_math_format,
     "orz_eval": orz_eval_format,
     "gsm8k": gsm8k_format,
+    "medqa": medqa_format,
 }
 
 

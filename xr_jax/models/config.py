@@ -8,7 +8,12 @@ do not change the weights.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Literal, Optional
+
+# The runtime choices; `xr_jax.config` checks a run's values against these when it loads the config.
+DType = Literal["float32", "bfloat16", "float16"]
+Remat = Literal["none", "full", "dots"]
+Attention = Literal["auto", "einsum", "cudnn"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,11 +123,11 @@ class ModelConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
     scan_layers: bool = True
-    remat: str = "none"
-    attention: str = "auto"
+    remat: Remat = "none"
+    attention: Attention = "auto"
 
     def validate(self) -> None:
         self.text.validate()
@@ -135,13 +140,6 @@ class ModelConfig:
                 )
             if self.text.mrope_section is None:
                 raise ValueError("a vision model needs text.mrope_section (M-RoPE)")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"remat must be one of none/full/dots, got {self.remat!r}")
-        if self.attention not in ("auto", "einsum", "cudnn"):
-            raise ValueError(f"attention must be one of auto/einsum/cudnn, got {self.attention!r}")
-        for key in ("dtype", "param_dtype"):
-            if getattr(self, key) not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"{key} must be float32/bfloat16/float16, got {getattr(self, key)!r}")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 from xr_jax.models import hf_tree, naming
 from xr_jax.models.hf_tree import flatten, set_leaf, tree_from_hf  # noqa: F401  (re-exported)
 from xr_jax.models.config import ModelConfig, TextConfig, VisionConfig
+from xr_jax.errors import UserError
 
 VL_ARCH = "Qwen2_5_VLForConditionalGeneration"
 TEXT_ARCH = "Qwen2ForCausalLM"
@@ -34,7 +35,7 @@ SIDE_FILES = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory or tensor set that does not match what the model expects."""
 
 

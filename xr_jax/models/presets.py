@@ -58,7 +58,9 @@ PRESETS = {
 def preset(name: str, **runtime) -> ModelConfig:
     """The named shape with runtime fields (dtype, scan_layers, ...) replaced."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        from xr_jax.config import ConfigError  # lazily: the config module imports far more than presets need
+
+        raise ConfigError(f"unknown model preset {name!r} (model.preset); known: {', '.join(PRESETS)}")
     cfg = PRESETS[name]().replace(**runtime)
     cfg.validate()
     return cfg

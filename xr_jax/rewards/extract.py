@@ -1,9 +1,14 @@
 """Answer extraction and string normalisation: plain string work, safe and linear-time on any input.
 
-Extraction rule (shared by rewards and evaluation): the last `<answer>…</answer>` span; inside it, the
-content of the last `\\boxed{…}` if there is one. Without an answer span, the last `\\boxed{…}` of the
-whole response. Otherwise there is no answer (None). There is deliberately no "last number in the text"
-fallback: it invites reward hacking.
+Extraction rule (shared by rewards and evaluation), by mode:
+- "strict" (the default; the X-Reasoner templates ask for `<answer> </answer>` tags, reference recipe §4.3):
+  the last `<answer>…</answer>` span; inside it, the content of the last `\\boxed{…}` if there is one.
+  No closed span gives no answer, so unfinished thinking (a truncated response, or an unclosed
+  `<answer>5`) scores 0 even when it contains a `\\boxed{…}`: RL then rewards finishing the answer.
+- "lenient" (for templates without tags, e.g. a `\\boxed{}` prompt such as ORZ's): as strict, then,
+  without a span, the last `\\boxed{…}` of the whole response.
+Otherwise there is no answer (None). There is deliberately no "last number in the text" fallback: it
+invites reward hacking.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ _OPEN, _CLOSE = "<answer>", "</answer>"
 _BOXED = "\\boxed"
 # A backslash escape (\{ \} \\ ...) or a brace: escaped braces do not count for nesting.
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
+EXTRACTION_MODES = ("strict", "lenient")
 
 
-def extract_answer(response: str) -> str | None:
-    """The final answer of a response (see the module doc), stripped; None if there is none."""
+def extract_answer(response: str, mode: str = "strict") -> str | None:
+    """The final answer of a response by `mode` (see the module doc), stripped; None if there is none."""
+    if mode not in EXTRACTION_MODES:
+        raise ValueError(f"extraction mode must be one of {EXTRACTION_MODES}, got {mode!r}")
     end = response.rfind(_CLOSE)
     if end != -1:
         start = response.rfind(_OPEN, 0, end)
@@ -25,6 +33,8 @@ def extract_answer(response: str) -> str | None:
             span = response[start + len(_OPEN) : end]
             boxed = last_boxed(span)
             return _none_if_empty(span if boxed is None else boxed)
+    if mode == "strict":
+        return None
     boxed = last_boxed(response)
     return None if boxed is None else _none_if_empty(boxed)
 

@@ -35,9 +35,20 @@ _FRAC = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(\d+)\}")
 
 @register("math")
 def math_reward(response: str, ground_truth: str) -> float:
-    """1.0 if the response's final answer (`extract_answer`) equals `ground_truth` (a short LaTeX or plain
-    answer without `\\boxed`, e.g. `\\frac{14}{3}` or `1,000`), else 0.0."""
-    answer = extract_answer(response)
+    """1.0 if the response's final answer (`extract_answer`, strict: inside `<answer>` tags) equals
+    `ground_truth` (a short LaTeX or plain answer without `\\boxed`, e.g. `\\frac{14}{3}` or `1,000`), else 0.0."""
+    return _score(response, ground_truth, "strict")
+
+
+@register("math_lenient")
+def math_lenient_reward(response: str, ground_truth: str) -> float:
+    """`math` with lenient extraction (the last `\\boxed{}` when there is no `<answer>` span): for prompt
+    templates that do not ask for tags."""
+    return _score(response, ground_truth, "lenient")
+
+
+def _score(response: str, ground_truth: str, mode: str) -> float:
+    answer = extract_answer(response, mode)
     if answer is None:
         return 0.0
     return 1.0 if answers_match(answer, ground_truth) else 0.0

@@ -3,7 +3,8 @@
 One rollout step, for a batch of prompts:
   1. the sampler draws `group_size` responses per prompt (prompt prefilled once per group), returning the
      tokens, their log-probs at the sampling temperature and the forced-exit mask;
-  2. the reward functions score the decoded responses in a killable worker pool (timeouts score 0);
+  2. the reward functions (`grpo.rewards`, a weighted sum) score the decoded responses in a killable worker
+     pool (timeouts score 0);
   3. advantages are normalised within each group;
   4. reference log-probs come from the frozen initial policy when `kl_coef` > 0;
   5. `minibatches` x `update_passes` optimizer steps run the jitted update on prompt + response rows (each
@@ -29,12 +30,15 @@ from xr_jax import parallel
 from xr_jax.eval_model import token_byte_table
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
+from xr_jax.rewards.choice import reward_ground_truth
 from xr_jax.sampling import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig, cast_params, prepare_prompts
-from xr_jax.train.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
+from xr_jax.train.grpo_loss import AGGREGATIONS, GRPOLossConfig, group_advantages, grpo_loss
 from xr_jax.train.losses import target_logprobs_and_lse
 from xr_jax.train.sft import _schedule_count, compute_grads
 from xr_jax.train.state import TrainState, apply_update
 
+# Metric names a reward's `reward_<name>` must not take.
+REWARD_METRICS = ("reward_mean", "reward_std", "reward_timeouts", "reward_errors")
 UPDATE_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask", "old_logp", "ref_logp", "adv")
 
 
@@ -75,6 +79,7 @@ def make_update_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, s
     modes use its number of rows with loss tokens. Metrics are token-weighted means over the minibatch.
     """
     want_entropy = True  # entropy is always logged (one more vocab reduction per chunk)
+    per_token = AGGREGATIONS.get(lcfg.agg).counts == "tokens"
 
     def loss_fn(params, rows, count):
         params = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
@@ -83,7 +88,7 @@ def make_update_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, s
         loss, m = grpo_loss(
             logp, rows["old_logp"], rows["adv"], mask, lcfg,
             ref_logp=rows["ref_logp"] if lcfg.kl_coef > 0 else None, entropy=entropy,
-            **({"global_tokens": count} if lcfg.agg == "token-mean" else {"global_seqs": rows["num_seqs"][0]}),
+            **({"global_tokens": count} if per_token else {"global_seqs": rows["num_seqs"][0]}),
         )
         n = jnp.sum(mask)
         weighted = {k: v * n for k, v in m.items() if k not in ("ratio_min", "ratio_max", "num_loss_tokens")}
@@ -121,7 +126,7 @@ class Rollout:
 
     rows: dict
     rewards: np.ndarray
-    correct: np.ndarray
+    components: dict[str, np.ndarray]  # "reward_<name>": that reward's unweighted scores, in `grpo.rewards` order
     zero_var_groups: int
     lengths: np.ndarray
     finish: list[str]
@@ -170,9 +175,10 @@ class GRPOTrainer:
                 importlib.import_module(module)
             except ImportError as e:
                 raise ValueError(f"grpo.reward_modules: cannot import {module!r} ({e})") from None
-        get_reward(g.reward)  # fail at start on an unknown reward name
-        if g.format_weight:
-            get_reward("format")
+        for i, term in enumerate(g.rewards):  # fail at start on an unknown reward name
+            get_reward(term.name, f"grpo.rewards[{i}].name")
+            if f"reward_{term.name}" in REWARD_METRICS:
+                raise ValueError(f"grpo.rewards[{i}].name {term.name!r} would log as {REWARD_METRICS}; rename it")
         if g.kl_coef > 0 and ref_params is None:
             raise ValueError("grpo.kl_coef > 0 needs reference params")
         self.ref_params = ref_params
@@ -215,25 +221,27 @@ class GRPOTrainer:
         sample_params = cast_params(params, g.sampler_dtype) if g.sampler_dtype else params
         out = self.sampler.generate(sample_params, prompts, rng=key, group_size=g.group_size)
         texts = [self.decode(out.row_ids(i)) for i in range(len(out.lengths))]
-        answers = [a for a in batch["answers"] for _ in range(g.group_size)]
-        correct, stats = self.pool.score_batch(g.reward, texts, answers, timeout=g.reward_timeout)
-        correct = np.asarray(correct, np.float32)
-        rewards = correct.copy()
-        if g.format_weight:
-            fmt, _ = self.pool.score_batch("format", texts, answers, timeout=g.reward_timeout)
-            rewards = rewards + g.format_weight * np.asarray(fmt, np.float32)
+        rewards = np.zeros(len(texts), np.float32)
+        components, timeouts, errors = {}, 0, 0
+        for term in g.rewards:
+            truths = [reward_ground_truth(term.name, a, c) for a, c in zip(batch["answers"], batch["choices"])]
+            answers = [a for a in truths for _ in range(g.group_size)]
+            scores, stats = self.pool.score_batch(term.name, texts, answers, timeout=g.reward_timeout)
+            components[f"reward_{term.name}"] = np.asarray(scores, np.float32)
+            rewards = rewards + term.weight * components[f"reward_{term.name}"]
+            timeouts, errors = timeouts + stats.timeouts, errors + stats.errors
         adv, zero_var = group_advantages(jnp.asarray(rewards), g.group_size, g.advantage)
         pbatch = prepare_prompts(prompts, self.model_cfg, self.scfg)
         rows = build_rows(pbatch, out, np.asarray(adv), g.group_size, g.mask_forced)
         # Each process sampled and scored its own prompts (whole groups); the update sees the global batch.
         rows["positions"] = np.moveaxis(rows["positions"], 1, 0)  # rows first for the gather
-        g_all = parallel.all_rows({**rows, "rewards": rewards, "correct": correct, "lengths": out.lengths,
+        g_all = parallel.all_rows({**rows, **components, "rewards": rewards, "lengths": out.lengths,
                                    "finish": out.finish_reason, "forced": out.forced.any(axis=1)}, self.mesh)
         rows = {k: g_all[k] for k in rows}
         rows["positions"] = np.moveaxis(rows["positions"], 0, 1)
-        counts = parallel.each_process(np.array([int(np.asarray(zero_var).sum()), stats.timeouts, stats.errors]))
-        return Rollout(rows, g_all["rewards"], g_all["correct"], int(counts[:, 0].sum()), g_all["lengths"],
-                       [FINISH_NAMES[int(r)] for r in g_all["finish"]], g_all["forced"],
+        counts = parallel.each_process(np.array([int(np.asarray(zero_var).sum()), timeouts, errors]))
+        return Rollout(rows, g_all["rewards"], {k: g_all[k] for k in components}, int(counts[:, 0].sum()),
+                       g_all["lengths"], [FINISH_NAMES[int(r)] for r in g_all["finish"]], g_all["forced"],
                        timeouts=int(counts[:, 1].sum()), errors=int(counts[:, 2].sum()))
 
     # -- one rollout step ---------------------------------------------------------------------------------
@@ -251,10 +259,13 @@ class GRPOTrainer:
             rows["ref_logp"] = parallel.host_array(self.logprobs(self.ref_params, put(self._with_placeholders(rows))))
         else:
             rows["ref_logp"] = np.zeros_like(rows["old_logp"])
-        if g.old_logprobs == "recompute":
-            rows["old_logp"] = parallel.host_array(self.logprobs(state.params, put(self._with_placeholders(rows))))
-        check_gap = g.old_logprobs == "sampler" and g.gap_every > 0 and int(state.step) % g.gap_every == 0
-        gap = {"sampler_logp_gap": self._sampler_mismatch(state.params, rows, put)} if check_gap else {}
+        check_gap = g.gap_every > 0 and int(state.step) % g.gap_every == 0
+        if g.old_logprobs == "recompute":  # verl's way: pi_old from a training forward of the rollout policy
+            train = parallel.host_array(self.logprobs(state.params, put(self._with_placeholders(rows))))
+            gap = {"sampler_logp_gap": self._gap(train, rows)} if check_gap else {}
+            rows["old_logp"] = train
+        else:
+            gap = {"sampler_logp_gap": self._sampler_mismatch(state.params, rows, put)} if check_gap else {}
         t1 = time.perf_counter()
         order = minibatch_order(update_key, n, g.group_size)
         per = n // g.minibatches
@@ -276,7 +287,8 @@ class GRPOTrainer:
             "loss": float(last["loss"]), "grad_norm": float(last["grad_norm"]), "lr": float(last["lr"]),
             "skipped": int(max(m["skipped"] for m in step_metrics)),
             "reward_mean": float(ro.rewards.mean()), "reward_std": float(ro.rewards.std()),
-            "accuracy": float(ro.correct.mean()),
+            "accuracy": float(next(iter(ro.components.values())).mean()),  # the first reward is the task's
+            **{name: float(scores.mean()) for name, scores in ro.components.items()},
             "zero_var_frac": ro.zero_var_groups / (n // g.group_size),
             "response_len_mean": float(ro.lengths.mean()), "response_len_max": int(ro.lengths.max()),
             "truncated_frac": float(np.mean([f == "length" for f in ro.finish])),
@@ -301,7 +313,10 @@ class GRPOTrainer:
 
     def _sampler_mismatch(self, params, rows, put) -> float:
         """Mean |logp_sampler - logp_train| over loss tokens (the §1.9 gap; 0 up to fp error here)."""
-        train = parallel.host_array(self.logprobs(params, put(self._with_placeholders(rows))))
+        return self._gap(parallel.host_array(self.logprobs(params, put(self._with_placeholders(rows)))), rows)
+
+    @staticmethod
+    def _gap(train: np.ndarray, rows: dict) -> float:
         mask = rows["loss_mask"] > 0
         return float(np.abs(train - rows["old_logp"])[mask].mean()) if mask.any() else 0.0
 
@@ -312,16 +327,41 @@ class GRPOTrainer:
 # ----------------------------------------------------------------------------- main
 
 
-def load_prompts(config, tokenizer):
-    """The RL prompt iterator (grain; its state is saved in checkpoints) for `data.source`."""
+def prompt_batch_config(config, plan=None):
+    """The `pipeline.PromptBatchConfig` of a run; `plan` (an `epochs.StepPlan`) sets the epochs (None: forever)."""
     from xr_jax.data import pipeline
-    from xr_jax.train.sft import make_source, prompt_config
+    from xr_jax.train.sft import image_config, prompt_config
 
     g, d = config.grpo, config.data
-    pcfg = pipeline.PromptBatchConfig(
+    return pipeline.PromptBatchConfig(
         batch_size=config.train.batch_size, max_prompt_len=g.max_prompt_len, seed=config.train.seed,
-        shuffle=d.shuffle, prompt=prompt_config(d))
-    return iter(pipeline.rl_pipeline(make_source(config), tokenizer, pcfg))
+        shuffle=d.shuffle, prompt=prompt_config(d), image=image_config(d),
+        num_epochs=None if plan is None else plan.num_epochs,
+        epoch_batches=None if plan is None else plan.epoch_batches)
+
+
+def plan_steps(config, tokenizer):
+    """Rollout steps (`epochs.StepPlan`): fixed, or `train.epochs` passes over the usable prompts."""
+    from xr_jax.data import pipeline
+    from xr_jax.train import epochs
+    from xr_jax.train.sft import make_source
+
+    cfg = prompt_batch_config(config)
+    settings = {"max_prompt_len": cfg.max_prompt_len, "prompt": dataclasses.asdict(cfg.prompt),
+                "image": dataclasses.asdict(cfg.image)}
+    return epochs.plan_from_data(
+        config, "grpo", lambda: make_source(config), tokenizer, settings,
+        lambda ex: pipeline.encode_prompt(ex, tokenizer, cfg), "prompt_ids",
+        lambda table, n: pipeline.rl_epoch_batches(table, cfg, n, jax.process_count()))
+
+
+def load_prompts(config, tokenizer, plan=None):
+    """The RL prompt iterator (grain; its state is saved in checkpoints) for `data.source`, over the epochs of
+    `plan` (`plan_steps`; None: the prompts repeat without end)."""
+    from xr_jax.data import pipeline
+    from xr_jax.train.sft import make_source
+
+    return iter(pipeline.rl_pipeline(make_source(config), tokenizer, prompt_batch_config(config, plan)))
 
 
 def check_layout(config, mesh: Mesh) -> None:
@@ -346,22 +386,27 @@ def main(config) -> dict:
     """Run (or resume) GRPO from a resolved `xr_jax.config.Config`; returns the last step's metrics."""
     from xr_jax.config import to_dict
     from xr_jax.models.qwen2_5_vl import init_params
-    from xr_jax.train import loop, state as state_lib
+    from xr_jax.train import epochs, loop, state as state_lib
     from xr_jax.data.tokenizer import load_tokenizer
     from xr_jax.train.sft import build_model, export_final
 
+    loop.check_outputs(config)
     d = config.distributed
     parallel.initialize_distributed(d.initialize, d.coordinator, d.num_processes, d.process_id)
     mesh = parallel.make_mesh(config.mesh.shape)
     if config.data.tokenizer is None and config.model.path is None:
-        raise ValueError("GRPO needs a tokenizer: set data.tokenizer ('qwen2.5', 'tiny' or a checkpoint dir) or model.path")
+        from xr_jax.config import ConfigError
+
+        raise ConfigError("GRPO needs a tokenizer: set data.tokenizer ('qwen2.5', 'tiny' or a checkpoint dir) or model.path")
     tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
     model_cfg, loaded = build_model(config, mesh, tokenizer)
     parallel.check_model_fits_mesh(model_cfg, mesh)
     check_layout(config, mesh)
     frozen = ("visual",) if config.train.freeze_vision and model_cfg.vision is not None else ()
-    tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps * config.grpo.minibatches
-                                            * config.grpo.update_passes, None, frozen)
+    plan = plan_steps(config, tokenizer)
+    # The schedule counts optimizer updates: warmup_ratio is a share of every update of every epoch (paper: 10%).
+    updates = plan.scaled(config.grpo.minibatches * config.grpo.update_passes)
+    tx, schedule = state_lib.make_optimizer(config.optim, updates.schedule_steps, updates.epoch_steps, frozen)
     init_fn = lambda key: init_params(model_cfg, key)  # noqa: E731
     boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     shardings = state_lib.state_shardings(tx, boxed, mesh)
@@ -374,7 +419,7 @@ def main(config) -> dict:
     ref = None
     if config.grpo.kl_coef > 0:  # the frozen initial policy: re-derived identically on resume
         ref = jax.tree_util.tree_map(jnp.copy, initial_state().params)
-    batches = load_prompts(config, tokenizer)
+    batches = load_prompts(config, tokenizer, plan)
     config_dict = to_dict(config)
     state, checkpointer = loop.resume_or_start(config, state_lib.abstract_state(init_fn, tx, shardings), batches,
                                                initial_state)
@@ -384,14 +429,16 @@ def main(config) -> dict:
     try:
         with parallel.use_mesh(mesh):
             result = loop.run_loop(
-                state, trainer.step, batches, total_steps=config.total_steps, put_batch=lambda b: b,
+                state, epochs.with_data_metrics(trainer.step, batches, truncation=False), batches,
+                total_steps=plan.total, put_batch=lambda b: b,
                 logger=logger, checkpointer=checkpointer, config_dict=config_dict,
                 nan_patience=config.train.nan_patience, log_every=lg.every, progress=lg.progress,
+                print_every=lg.print_every,
             )
     finally:
         trainer.close()
         logger.close()
         if checkpointer is not None:
             checkpointer.close()
-    export_final(config, model_cfg, result.state.params)
+    loop.report_done(result.steps, export_final(config, model_cfg, result.state.params))
     return result.last or {}

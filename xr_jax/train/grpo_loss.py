@@ -6,6 +6,8 @@ Formulas (the peers' conventions: verl `core_algos.py`, TRL `GRPOConfig`, Tunix 
   as verl, EasyR1, TRL and Tunix do (`jnp.std` defaults to ddof=0, which would give other advantages:
   G=8 with one correct sample gives 2.47 with ddof=1 and 2.65 with ddof=0).
 - advantage, "dr_grpo": A_i = r_i - mean_g (Dr.GRPO, arXiv 2503.20783: no std division).
+- advantage, "rloo":    A_i = r_i - mean_{j != i} r_j, the leave-one-out baseline (Ahmadian et al. 2024,
+  arXiv 2402.14740; TRL's RLOO: baseline = (sum - r_i) / (G - 1)).
 - ratio:   rho = exp(clip(logp - old_logp, -20, 20)).
 - PPO clip, both advantage signs: l = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)).
 - dual clip (A < 0 only): l = min(l, -A c), c = dual_clip > 1.
@@ -14,6 +16,10 @@ Formulas (the peers' conventions: verl `core_algos.py`, TRL `GRPOConfig`, Tunix 
   (verl's `low_var_kl` clamps). k1 has zero expected gradient on-policy, hence the k3 default.
 - total per token: l + kl_coef * kl - entropy_coef * entropy, aggregated by `agg` (linear, so each term
   is aggregated the same way).
+
+Advantage estimators, aggregations and KL estimators are registries (`ADVANTAGES`, `AGGREGATIONS`,
+`KL_ESTIMATORS`): a new one is one registered function, and the config (`grpo.advantage`, `grpo.loss_agg`,
+`grpo.kl_type`) accepts its name.
 
 `mask` is 1 on the tokens the policy sampled and 0 elsewhere: prompt, padding, and the forced-exit
 tokens the sampler wrote itself (they are not samples of the policy, so they carry no policy gradient).
@@ -24,31 +30,105 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
 
-AdvantageMode = Literal["grpo", "dr_grpo"]
-Aggregation = Literal["token-mean", "seq-mean-token-mean", "dr-grpo"]
-KLType = Literal["k1", "k2", "k3"]
+from xr_jax.registry import Registry
 
-_ADVANTAGE_MODES = ("grpo", "dr_grpo")
-_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "dr-grpo")
-_KL_TYPES = ("k1", "k2", "k3")
 _LOG_RATIO_CLAMP = 20.0  # verl and Tunix clamp log-ratios at +-20 before exp
 _K3_CLAMP = 10.0  # verl clamps the k3 value at +-10
 
+# (rewards [groups, G] float32, eps) -> advantages [groups, G]
+ADVANTAGES: Registry[Callable[[jax.Array, float], jax.Array]] = Registry("advantage estimator")
+# (per-token values [B, T], mask [B, T], count, max_len) -> scalar; `count` is the number of loss tokens or of
+# sequences in the whole mini-batch, as the function's `counts` ("tokens" or "seqs", set by `_counts`) says
+AGGREGATIONS: Registry[Callable] = Registry("loss aggregation")
+# (logp [B, T], ref_logp [B, T]) -> per-token KL(pi || pi_ref) estimate [B, T]
+KL_ESTIMATORS: Registry[Callable[[jax.Array, jax.Array], jax.Array]] = Registry("KL estimator")
+
+
+@ADVANTAGES.register("grpo")
+def grpo_advantage(groups: jax.Array, eps: float) -> jax.Array:
+    """(r - mean) / (std + eps), std with Bessel's correction (module doc)."""
+    return (groups - groups.mean(axis=1, keepdims=True)) / (jnp.std(groups, axis=1, ddof=1, keepdims=True) + eps)
+
+
+@ADVANTAGES.register("dr_grpo")
+def dr_grpo_advantage(groups: jax.Array, eps: float) -> jax.Array:
+    """r - mean: Dr.GRPO drops the std division, which up-weights groups of low reward variance."""
+    del eps
+    return groups - groups.mean(axis=1, keepdims=True)
+
+
+@ADVANTAGES.register("rloo")
+def rloo_advantage(groups: jax.Array, eps: float) -> jax.Array:
+    """r_i minus the mean of the group's OTHER rewards: a baseline independent of the sample it scores."""
+    del eps
+    size = groups.shape[1]
+    return groups - (groups.sum(axis=1, keepdims=True) - groups) / (size - 1)
+
+
+def _counts(what: Literal["tokens", "seqs"]):
+    """Marks what an aggregation's `count` argument counts, so that callers pass the right normaliser."""
+
+    def mark(fn):
+        fn.counts = what
+        return fn
+
+    return mark
+
+
+@AGGREGATIONS.register("token-mean")
+@_counts("tokens")
+def token_mean(x: jax.Array, m: jax.Array, count: jax.Array, max_len) -> jax.Array:
+    """Sum over loss tokens / their count: every token weighs the same, whatever its sequence's length."""
+    return (x * m).sum() / count
+
+
+@AGGREGATIONS.register("seq-mean-token-mean")
+@_counts("seqs")
+def seq_mean_token_mean(x: jax.Array, m: jax.Array, count: jax.Array, max_len) -> jax.Array:
+    """Mean over sequences of per-sequence token means (original GRPO): long responses weigh less per token."""
+    return ((x * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)).sum() / count
+
+
+@AGGREGATIONS.register("dr-grpo")
+@_counts("seqs")
+def dr_grpo_sum(x: jax.Array, m: jax.Array, count: jax.Array, max_len: int) -> jax.Array:
+    """Sum over loss tokens / (sequences x a constant length): Dr.GRPO's length-unbiased normaliser."""
+    return (x * m).sum() / (count * max_len)
+
+
+@KL_ESTIMATORS.register("k1")
+def kl_k1(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """log(pi / pi_ref): unbiased, but zero expected gradient on-policy."""
+    return logp - ref_logp
+
+
+@KL_ESTIMATORS.register("k2")
+def kl_k2(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """(log(pi_ref / pi))^2 / 2."""
+    return 0.5 * (ref_logp - logp) ** 2
+
+
+@KL_ESTIMATORS.register("k3")
+def kl_k3(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """exp(x) - x - 1 with x = log(pi_ref / pi): unbiased and non-negative; clamped as verl's low_var_kl."""
+    x = jnp.clip(ref_logp - logp, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    return jnp.clip(jnp.exp(x) - x - 1.0, -_K3_CLAMP, _K3_CLAMP)
+
 
 def group_advantages(
-    rewards: jax.Array, group_size: int, mode: AdvantageMode = "grpo", eps: float = 1e-6
+    rewards: jax.Array, group_size: int, mode: str = "grpo", eps: float = 1e-6
 ) -> tuple[jax.Array, jax.Array]:
     """Group-relative advantages for rewards laid out as consecutive groups of `group_size` samples.
 
     Args:
       rewards: [N] rewards, N a multiple of `group_size`; samples i*G .. i*G+G-1 share a prompt.
       group_size: G >= 2 (the std, and the baseline, of one sample are meaningless).
-      mode: "grpo" (std-normalised, unbiased std) or "dr_grpo" (mean-centred only).
+      mode: a registered advantage estimator (`ADVANTAGES`: "grpo", "dr_grpo", "rloo"; module doc).
       eps: added to the std.
 
     Returns:
@@ -62,16 +142,12 @@ def group_advantages(
         raise ValueError(f"group_size must be an int >= 2, got {group_size!r}")
     if rewards.shape[0] % group_size:
         raise ValueError(f"rewards length {rewards.shape[0]} is not a multiple of group_size {group_size}")
-    if mode not in _ADVANTAGE_MODES:
-        raise ValueError(f"mode must be one of {_ADVANTAGE_MODES}, got {mode!r}")
+    estimator = ADVANTAGES.get(mode, "mode")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
     groups = rewards.reshape(-1, group_size)
-    centred = groups - groups.mean(axis=1, keepdims=True)
-    if mode == "grpo":
-        centred = centred / (jnp.std(groups, axis=1, ddof=1, keepdims=True) + eps)
     zero_variance = jnp.all(groups == groups[:, :1], axis=1)
-    advantages = jnp.where(zero_variance[:, None], 0.0, centred)
+    advantages = jnp.where(zero_variance[:, None], 0.0, estimator(groups, eps))
     return advantages.reshape(-1), zero_variance
 
 
@@ -97,11 +173,11 @@ class GRPOLossConfig:
       clip_low: epsilon_low, the ratio's lower clip bound is 1 - clip_low (paper: 0.2).
       clip_high: epsilon_high, the upper bound is 1 + clip_high (clip-higher; DAPO's 0.28).
       dual_clip: c > 1 caps the loss of negative-advantage tokens at -A c (verl uses 3.0); None is off.
-      agg: "token-mean" (the paper's token-level loss: sum over loss tokens / their global count),
-        "seq-mean-token-mean" (original GRPO: mean over sequences of per-sequence token means),
-        "dr-grpo" (sum over loss tokens / (number of sequences * dr_grpo_max_len)).
+      agg: a registered aggregation (`AGGREGATIONS`): "token-mean" (the paper's token-level loss: sum over
+        loss tokens / their global count), "seq-mean-token-mean" (original GRPO: mean over sequences of
+        per-sequence token means), "dr-grpo" (sum over loss tokens / (number of sequences * dr_grpo_max_len)).
       kl_coef: beta of the KL term in the loss; > 0 needs `ref_logp`.
-      kl_type: "k1", "k2" or "k3" (module doc).
+      kl_type: a registered KL estimator (`KL_ESTIMATORS`): "k1", "k2" or "k3" (module doc).
       entropy_coef: weight of the entropy bonus (subtracted from the loss); > 0 needs `entropy`.
       dr_grpo_max_len: the constant length normaliser of agg="dr-grpo" (the max response length);
         required for that mode, rejected for the others.
@@ -110,9 +186,9 @@ class GRPOLossConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: float | None = None
-    agg: Aggregation = "token-mean"
+    agg: str = "token-mean"
     kl_coef: float = 0.0
-    kl_type: KLType = "k3"
+    kl_type: str = "k3"
     entropy_coef: float = 0.0
     dr_grpo_max_len: int | None = None
 
@@ -121,11 +197,9 @@ class GRPOLossConfig:
         _check_number(self, "clip_high", low=0.0)
         if self.dual_clip is not None:
             _check_number(self, "dual_clip", low=1.0, low_open=True)
-        if self.agg not in _AGGREGATIONS:
-            raise ValueError(f"GRPOLossConfig.agg must be one of {_AGGREGATIONS}, got {self.agg!r}")
+        AGGREGATIONS.get(self.agg, "GRPOLossConfig.agg")
         _check_number(self, "kl_coef", low=0.0)
-        if self.kl_type not in _KL_TYPES:
-            raise ValueError(f"GRPOLossConfig.kl_type must be one of {_KL_TYPES}, got {self.kl_type!r}")
+        KL_ESTIMATORS.get(self.kl_type, "GRPOLossConfig.kl_type")
         _check_number(self, "entropy_coef", low=0.0)
         max_len = self.dr_grpo_max_len
         if self.agg == "dr-grpo":
@@ -192,15 +266,20 @@ def grpo_loss(
         raise ValueError("kl_coef > 0 needs ref_logp")
     if config.entropy_coef > 0 and entropy is None:
         raise ValueError("entropy_coef > 0 needs entropy")
-    if global_tokens is not None and config.agg != "token-mean":
-        raise ValueError(f"global_tokens is for agg='token-mean'; agg={config.agg!r} takes global_seqs")
-    if global_seqs is not None and config.agg == "token-mean":
-        raise ValueError("global_seqs is for the sequence modes; agg='token-mean' takes global_tokens")
+    counts = AGGREGATIONS.get(config.agg).counts
+    if global_tokens is not None and counts != "tokens":
+        raise ValueError(f"global_tokens is for token-normalised aggregations; agg={config.agg!r} takes global_seqs")
+    if global_seqs is not None and counts != "seqs":
+        raise ValueError(f"global_seqs is for the sequence modes; agg={config.agg!r} takes global_tokens")
 
     f32 = jnp.float32
-    logp, old_logp = logp.astype(f32), old_logp.astype(f32)
     m = mask.astype(f32)
-    a = adv.astype(f32)[:, None]
+    on = m > 0
+    # Off-mask values are replaced (`where`), not multiplied by 0: NaN * 0 is NaN, in the loss and in the
+    # gradient, and padded or prompt positions may hold anything (e.g. -inf logits -> NaN log-probs).
+    logp = jnp.where(on, logp.astype(f32), 0.0)
+    old_logp = jnp.where(on, old_logp.astype(f32), 0.0)
+    a = jnp.where(on.any(axis=1), adv.astype(f32), 0.0)[:, None]
 
     ratio = jnp.exp(jnp.clip(logp - old_logp, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
     lo, hi = 1.0 - config.clip_low, 1.0 + config.clip_high
@@ -208,15 +287,20 @@ def grpo_loss(
     if config.dual_clip is not None:
         pg = jnp.where(a < 0, jnp.minimum(pg, -a * config.dual_clip), pg)
 
+    if counts == "tokens":
+        count = m.sum() if global_tokens is None else jnp.asarray(global_tokens, f32)
+    else:
+        count = (m.sum(axis=1) > 0).sum().astype(f32) if global_seqs is None else jnp.asarray(global_seqs, f32)
+
     def aggregate(x: jax.Array) -> jax.Array:
-        return _aggregate(x, m, config, global_tokens, global_seqs)
+        return AGGREGATIONS.get(config.agg)(x, m, jnp.maximum(count, 1.0), config.dr_grpo_max_len)
 
     pg_loss = aggregate(pg)
     loss = pg_loss
     n_tokens = m.sum()
 
     def token_mean(x: jax.Array) -> jax.Array:
-        return (x * m).sum() / jnp.maximum(n_tokens, 1.0)
+        return jnp.where(on, x, 0.0).sum() / jnp.maximum(n_tokens, 1.0)
 
     metrics = {
         "pg_loss": pg_loss,
@@ -231,44 +315,14 @@ def grpo_loss(
     if config.dual_clip is not None:
         metrics["dual_clip_frac"] = token_mean(((a < 0) & (ratio > config.dual_clip)).astype(f32))
     if ref_logp is not None:
-        kl = kl_estimate(logp, ref_logp.astype(f32), config.kl_type)
+        kl = KL_ESTIMATORS.get(config.kl_type)(logp, jnp.where(on, ref_logp.astype(f32), 0.0))
         metrics["kl_loss"] = aggregate(kl)
         metrics["kl"] = token_mean(kl)
         loss = loss + config.kl_coef * metrics["kl_loss"]
     if entropy is not None:
-        entropy = entropy.astype(f32)
+        entropy = jnp.where(on, entropy.astype(f32), 0.0)
         metrics["entropy_loss"] = aggregate(entropy)
         metrics["entropy"] = token_mean(entropy)
         loss = loss - config.entropy_coef * metrics["entropy_loss"]
     metrics["loss"] = loss
     return loss, metrics
-
-
-def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kl_type: KLType) -> jax.Array:
-    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs (module doc)."""
-    x = ref_logp - logp
-    if kl_type == "k1":
-        return -x
-    if kl_type == "k2":
-        return 0.5 * x**2
-    if kl_type == "k3":
-        x = jnp.clip(x, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-        return jnp.clip(jnp.exp(x) - x - 1.0, -_K3_CLAMP, _K3_CLAMP)
-    raise ValueError(f"kl_type must be one of {_KL_TYPES}, got {kl_type!r}")
-
-
-def _aggregate(x, m, config: GRPOLossConfig, global_tokens, global_seqs) -> jax.Array:
-    """Reduce per-token values to the loss scalar with `config.agg` (see `GRPOLossConfig`)."""
-    total = (x * m).sum()
-    if config.agg == "token-mean":
-        n_tokens = m.sum() if global_tokens is None else jnp.asarray(global_tokens, jnp.float32)
-        return total / jnp.maximum(n_tokens, 1.0)
-    seq_tokens = m.sum(axis=1)
-    if global_seqs is None:
-        n_seqs = (seq_tokens > 0).sum().astype(jnp.float32)
-    else:
-        n_seqs = jnp.asarray(global_seqs, jnp.float32)
-    n_seqs = jnp.maximum(n_seqs, 1.0)
-    if config.agg == "seq-mean-token-mean":
-        return ((x * m).sum(axis=1) / jnp.maximum(seq_tokens, 1.0)).sum() / n_seqs
-    return total / (n_seqs * config.dr_grpo_max_len)  # dr-grpo

@@ -8,7 +8,8 @@ packing, the microbatch count or the mesh, so every layout trains the same model
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import os
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -227,7 +228,9 @@ def load_tokenizer(config):
 
     name = config.data.tokenizer or config.model.path
     if name is None:
-        raise ValueError("data.tokenizer is needed with a preset model: 'qwen2.5', 'tiny' or a checkpoint dir")
+        from xr_jax.config import ConfigError
+
+        raise ConfigError("data.tokenizer is needed with a preset model: 'qwen2.5', 'tiny' or a checkpoint dir")
     return load(name)
 
 
@@ -238,8 +241,43 @@ def prompt_config(data):
     return pipeline.PromptConfig(template=data.prompt_template, system=data.system)
 
 
-def make_batches(config, model_cfg: ModelConfig, tokenizer=None):
-    """The process-local batch iterator named by `data.source` ("random" or a `sources.FORMATS` name)."""
+def image_config(data):
+    """The `images.ImageConfig` of a `DataSection` (resolution bounds of image rows)."""
+    from xr_jax.data import images
+
+    return images.ImageConfig(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+
+
+def sft_data_config(config, plan=None):
+    """The `pipeline.SFTConfig` of a run; `plan` (an `epochs.StepPlan`) sets the epochs (None: forever)."""
+    from xr_jax.data import pipeline
+
+    d, tr = config.data, config.train
+    return pipeline.SFTConfig(
+        max_len=tr.seq_len, batch_size=tr.batch_size, pack=d.pack, overflow=d.overflow, seed=tr.seed,
+        prompt=prompt_config(d), shuffle=d.shuffle, image=image_config(d),
+        num_epochs=None if plan is None else plan.num_epochs, epoch_batches=None if plan is None else plan.epoch_batches)
+
+
+def plan_steps(config, tokenizer=None):
+    """The run's `epochs.StepPlan`: fixed steps, or `train.epochs` counted on the data."""
+    from xr_jax.data import pipeline
+    from xr_jax.train import epochs
+
+    if config.data.source == "random" and config.total_steps is None:
+        raise ValueError("data.source 'random' has no epochs: set train.steps or train.steps_per_epoch")
+    cfg = sft_data_config(config)
+    settings = {"max_len": cfg.max_len, "overflow": cfg.overflow, "prompt": dataclasses.asdict(cfg.prompt),
+                "image": dataclasses.asdict(cfg.image)}
+    return epochs.plan_from_data(
+        config, "sft", lambda: make_source(config), tokenizer, settings,
+        lambda ex: pipeline.encode_sft(ex, tokenizer, cfg), "input_ids",
+        lambda table, n: pipeline.sft_epoch_batches(table, cfg, n, jax.process_count()))
+
+
+def make_batches(config, model_cfg: ModelConfig, tokenizer=None, plan=None):
+    """The process-local batch iterator named by `data.source` ("random" or a `sources.FORMATS` name) for the
+    epochs of `plan` (`plan_steps`; None: the data repeats without end)."""
     d, tr = config.data, config.train
     if d.source == "random":
         from xr_jax.data.random_tokens import RandomTokenBatches
@@ -251,19 +289,42 @@ def make_batches(config, model_cfg: ModelConfig, tokenizer=None):
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
                          f"{model_cfg.text.vocab_size}; use a matching tokenizer or set model.vocab_size")
-    source = make_source(config)
-    data_cfg = pipeline.SFTConfig(max_len=tr.seq_len, batch_size=tr.batch_size, pack=d.pack, seed=tr.seed,
-                                  prompt=prompt_config(d), shuffle=d.shuffle, num_epochs=None)
-    return iter(pipeline.sft_pipeline(source, tokenizer, data_cfg))
+    return iter(pipeline.sft_pipeline(make_source(config), tokenizer, sft_data_config(config, plan)))
 
 
-def export_final(config, model_cfg: ModelConfig, params) -> None:
-    """Save the final params as an xr_jax model checkpoint when `train.export_dir` is set."""
-    if config.train.export_dir is not None:
-        from xr_jax import convert
+def export_final(config, model_cfg: ModelConfig, params) -> Optional[str]:
+    """Save the final params as an xr_jax model checkpoint when `train.export_dir` is set; returns its path.
+    Only completed runs get here. Written atomically (`write_atomically`): a reader never sees a
+    half-written export, and an existing one is replaced only once the new one is complete."""
+    if config.train.export_dir is None:
+        return None
+    from xr_jax import convert
 
-        assets = config.model.path if config.model.path and not convert.is_model_checkpoint(config.model.path) else None
-        convert.save_model(config.train.export_dir, model_cfg, params, assets_from=assets)
+    assets = config.model.path if config.model.path and not convert.is_model_checkpoint(config.model.path) else None
+    return write_atomically(config.train.export_dir,
+                            lambda tmp: convert.save_model(tmp, model_cfg, params, assets_from=assets))
+
+
+def write_atomically(out_dir: str, write: Callable[[str], None]) -> str:
+    """`write(tmp)` into `<out_dir>.partial` beside `out_dir` (every process: Orbax writes shards from all
+    of them), then process 0 swaps it into place with renames; returns the absolute `out_dir`."""
+    import shutil
+
+    out_dir = os.path.abspath(out_dir)
+    tmp, old = out_dir + ".partial", out_dir + ".replaced"
+    if jax.process_index() == 0:
+        for leftover in (tmp, old):  # from a run killed while exporting
+            shutil.rmtree(leftover, ignore_errors=True)
+    parallel.sync_processes("xr_jax export start")
+    write(tmp)
+    parallel.sync_processes("xr_jax export written")
+    if jax.process_index() == 0:
+        if os.path.exists(out_dir):
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    parallel.sync_processes("xr_jax export done")
+    return out_dir
 
 
 def make_source(config):
@@ -275,7 +336,9 @@ def make_source(config):
     if d.source == "synthetic":
         return synthetic_source(d.synthetic)
     if d.path is None:
-        raise ValueError(f"data.source {d.source!r} needs data.path (a file, directory or hub id)")
+        from xr_jax.config import ConfigError
+
+        raise ConfigError(f"data.source {d.source!r} needs data.path (a file, directory or hub id)")
     return sources.load_source(d.path, d.source, split=d.split)
 
 
@@ -283,8 +346,9 @@ def main(config) -> dict:
     """Run (or resume) SFT from a resolved `xr_jax.config.Config`; returns the last step's metrics."""
     from xr_jax.config import to_dict
     from xr_jax.models.qwen2_5_vl import init_params
-    from xr_jax.train import flops, loop, state as state_lib
+    from xr_jax.train import epochs, flops, loop, state as state_lib
 
+    loop.check_outputs(config)
     d = config.distributed
     parallel.initialize_distributed(d.initialize, d.coordinator, d.num_processes, d.process_id)
     mesh = parallel.make_mesh(config.mesh.shape)
@@ -294,11 +358,12 @@ def main(config) -> dict:
     tr = config.train
     check_batch_layout(tr.batch_size, tr.microbatches, mesh, jax.process_count())
     frozen = ("visual",) if tr.freeze_vision and model_cfg.vision is not None else ()
-    tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps, tr.steps_per_epoch, frozen)
+    plan = plan_steps(config, tokenizer)
+    tx, schedule = state_lib.make_optimizer(config.optim, plan.schedule_steps, plan.epoch_steps, frozen)
     init_fn = lambda key: init_params(model_cfg, key)  # noqa: E731
     boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     shardings = state_lib.state_shardings(tx, boxed, mesh)
-    batches = make_batches(config, model_cfg, tokenizer)
+    batches = make_batches(config, model_cfg, tokenizer, plan)
     config_dict = to_dict(config)
 
     def fresh():
@@ -308,10 +373,10 @@ def main(config) -> dict:
 
     state, checkpointer = loop.resume_or_start(config, state_lib.abstract_state(init_fn, tx, shardings), batches, fresh)
 
-    step_fn = jit_train_step(
+    step_fn = epochs.with_data_metrics(jit_train_step(
         make_train_step(model_cfg, tx, schedule, microbatches=tr.microbatches, z_loss=tr.z_loss,
                         chunk=tr.loss_chunk, frozen=frozen, mesh=mesh, shardings=shardings),
-        mesh, shardings)
+        mesh, shardings), batches)
     peak = (tr.peak_flops or flops.peak_flops()) * mesh.size
     flops_fn = lambda b: flops.text_train_flops(  # noqa: E731
         model_cfg, float((np.asarray(b["segment_ids"]) > 0).sum()) * jax.process_count(), tr.seq_len) + (
@@ -321,14 +386,15 @@ def main(config) -> dict:
     try:
         with parallel.use_mesh(mesh):
             result = loop.run_loop(
-                state, step_fn, batches, total_steps=config.total_steps,
+                state, step_fn, batches, total_steps=plan.total,
                 put_batch=lambda b: device_batch(b, mesh, model_cfg),
                 logger=logger, checkpointer=checkpointer, config_dict=config_dict, nan_patience=tr.nan_patience,
                 flops_fn=flops_fn, peak_flops=peak, log_every=lg.every, progress=lg.progress,
+                print_every=lg.print_every,
             )
     finally:
         logger.close()
         if checkpointer is not None:
             checkpointer.close()
-    export_final(config, model_cfg, result.state.params)
+    loop.report_done(result.steps, export_final(config, model_cfg, result.state.params))
     return result.last or {}

@@ -8,12 +8,13 @@ so mixed precision needs nothing here. The optimizer state mirrors the params, a
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -34,16 +35,24 @@ class TrainState:
 # ----------------------------------------------------------------------------- schedules
 
 
-def make_schedule(optim: OptimSection, total_steps: int, steps_per_epoch: Optional[int] = None) -> optax.Schedule:
+EpochSteps = Union[Sequence[int], int, None]
+
+
+def make_schedule(optim: OptimSection, total_steps: int, epoch_steps: EpochSteps = None) -> optax.Schedule:
     """Learning rate as a function of the optimizer step.
 
-    "step_decay" is the paper's SFT schedule: lr x `decay_per_epoch` after every epoch (`steps_per_epoch`
-    optimizer steps; without it, the whole run is one epoch).
+    "step_decay" is the paper's SFT schedule: lr x `decay_per_epoch` after every epoch. `epoch_steps`: the
+    optimizer steps of each epoch (counted from the data, `xr_jax.train.epochs`: decay at their cumulative
+    ends), or one number for every epoch; None: the whole run is one epoch. Warmup (`warmup_steps`, else
+    `warmup_ratio` x total_steps) counts in the first epoch.
     """
     warmup = optim.warmup_steps or int(optim.warmup_ratio * total_steps)
     end = optim.lr * optim.min_lr_ratio
-    if optim.schedule == "step_decay":
-        every = max(1, steps_per_epoch or total_steps)
+    if optim.schedule == "step_decay" and epoch_steps is not None and not isinstance(epoch_steps, int):
+        starts = jnp.asarray(np.cumsum(epoch_steps)[:-1], jnp.int32)  # first step of epochs 2, 3, ...
+        main = lambda s: optim.lr * optim.decay_per_epoch ** jnp.sum(s + warmup >= starts)  # noqa: E731
+    elif optim.schedule == "step_decay":
+        every = max(1, epoch_steps or total_steps)
         main = lambda s: optim.lr * optim.decay_per_epoch ** ((s + warmup) // every)  # noqa: E731
     elif optim.schedule == "cosine":
         main = optax.cosine_decay_schedule(optim.lr, max(1, total_steps - warmup), alpha=optim.min_lr_ratio)
@@ -52,7 +61,7 @@ def make_schedule(optim: OptimSection, total_steps: int, steps_per_epoch: Option
     elif optim.schedule == "constant":
         main = optax.constant_schedule(optim.lr)
     else:
-        raise ValueError(f"optim.schedule {optim.schedule!r} is not one of step_decay/cosine/linear/constant")
+        raise ValueError(f"optim.schedule {optim.schedule!r} is not a schedule (`OptimSection.schedule` lists them)")
     if not warmup:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), main], [warmup])
@@ -67,10 +76,10 @@ def trainable_labels(params: Mapping, frozen: tuple[str, ...]) -> Any:
 
 
 def make_optimizer(
-    optim: OptimSection, total_steps: int, steps_per_epoch: Optional[int] = None, frozen: tuple[str, ...] = (),
+    optim: OptimSection, total_steps: int, epoch_steps: EpochSteps = None, frozen: tuple[str, ...] = (),
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Global-norm clipping + AdamW (decoupled decay, as `torch.optim.AdamW`), frozen subtrees zeroed."""
-    schedule = make_schedule(optim, total_steps, steps_per_epoch)
+    schedule = make_schedule(optim, total_steps, epoch_steps)
     parts = [optax.clip_by_global_norm(optim.clip)] if optim.clip > 0 else []
     parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay))
     tx = optax.chain(*parts)
