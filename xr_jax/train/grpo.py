@@ -153,9 +153,10 @@ def build_rows(batch, out, adv: np.ndarray, group: int, mask_forced: bool) -> di
 
 
 def minibatch_order(key, rows: int, group: int) -> np.ndarray:
-    """Row order for the minibatches: whole groups in a random order. A group's advantages sum to zero, so
-    the tokens its responses share (the answer format) get no net push; a group split over minibatches pushes
-    them by the unbalanced part, which on the learning test flipped `<answer>` to `</answer>` in one step."""
+    """Row order for the minibatches: whole groups in a random order. A group's advantages sum to zero (those of
+    every built-in estimator), so the tokens its responses share (the answer format) get no net push; a group
+    split over minibatches pushes them by the unbalanced part, which on the learning test flipped `<answer>` to
+    `</answer>` in one step."""
     groups = np.asarray(jax.random.permutation(key, rows // group))
     return (groups[:, None] * group + np.arange(group)).ravel()
 
