@@ -7,16 +7,17 @@ less often. GRPO (math reward, no KL, 4 optimizer steps per rollout batch, each 
 corrects the answers. The rollout rewards of single steps swing by +-0.1 with the prompt mix, so learning is
 measured on a fixed held-out set instead: the mean math reward of 8 samples (temperature 1, fixed keys) for each
 of 64 problems no training stage saw, before and after GRPO.
-Measured (2-core AMD EPYC; `run_grpo(..., "train.seed=S")` with S = 0 / 1 / 2): 0.254 before everywhere; after
+Measured (2-core AMD EPYC; `run_grpo(..., "train.seed=S")` with S = 0 / 1 / 2): 0.246 before everywhere; after
 16 steps
-  default ISA (AVX-512) and XLA_FLAGS=--xla_cpu_max_isa=AVX2 (bit-identical here): 1 device 0.514 / 0.496 / 0.506,
-    8-device mesh 0.496 / 0.510 / 0.463;
-  --xla_cpu_max_isa=SSE4_2 (other kernels, other trajectories): 1 device 0.516 / 0.490 / 0.500, 8-device mesh
-    0.480 / 0.422 / 0.502;
-so gains of 0.168 to 0.262, the held-out reward rising by ~0.015 a step without a collapse. Before minibatches
-held whole groups, one update could flip the shared `<answer>` prefix to `</answer>` (seed 0, 1 device: 0.514
-after step 15, 0.018 after step 16; see `grpo.minibatch_order`). Controls (measured before that change): lr 0 leaves
-it at 0.254 exactly; the advantage sign flipped drives it to 0.0. The margin below is well inside both.
+  default ISA (AVX-512) and XLA_FLAGS=--xla_cpu_max_isa=AVX2 (bit-identical here): 1 device 0.482 / 0.473 / 0.510,
+    8-device mesh 0.477 / 0.451 / 0.510;
+  --xla_cpu_max_isa=SSE4_2 (other kernels, other trajectories): 1 device 0.508 / 0.523 / 0.539, 8-device mesh
+    0.490 / 0.488 / 0.512;
+so gains of 0.205 to 0.293, the held-out reward rising by ~0.015 a step without a collapse. Before minibatches
+held whole groups, one update could flip the shared `<answer>` prefix to `</answer>` (an earlier warm start of
+0.254, seed 0, 1 device: 0.514 after step 15, 0.018 after step 16; see `grpo.minibatch_order`). Controls
+(measured on that earlier code): lr 0 leaves the reward unchanged exactly; the advantage sign flipped drives it
+to 0.0. The margin below is well inside both.
 """
 
 import json
