@@ -60,14 +60,15 @@ def test_reward_module_that_does_not_import_is_named(tmp_path):
 
 
 def test_on_policy_ratio_is_one_and_recomputed_old_logprobs_agree_with_the_sampler(tmp_path):
-    """pi_old from the sampler: the first minibatch's ratio is 1 up to the sampler/trainer gap, nothing clips.
+    """pi_old from the sampler: the first minibatch's ratio is 1 up to the sampler/trainer gap.
     `grpo.old_logprobs=recompute` (verl's way): pi_old is a training forward of the rollout policy, so that
     ratio is exactly 1; where the sampler's log-probs equal the trainer's (f32 on CPU, gap < 1e-5), both options
     take the same steps."""
     common = ("optim.lr=1e-3", "grpo.minibatches=2", "grpo.gap_every=1", "train.steps=1")
     sampler = grpo.main(_grpo_cfg(tmp_path / "sampler", *common))
     assert abs(sampler["ratio_mean_first"] - 1.0) < 1e-5 and sampler["sampler_logp_gap"] < 1e-5
-    assert sampler["clip_frac_low"] == 0.0 and sampler["clip_frac_high"] == 0.0
+    # clip fractions are the last minibatch's, one update off-policy: a token or so may clip (0.4% measured)
+    assert sampler["clip_frac_low"] + sampler["clip_frac_high"] < 0.05
     assert 0 < sampler["zero_var_frac"] < 1 and sampler["response_tokens"] > 0
     recompute = grpo.main(_grpo_cfg(tmp_path / "recompute", *common, "grpo.old_logprobs=recompute"))
     assert recompute["ratio_mean_first"] == 1.0 and recompute["sampler_logp_gap"] < 1e-5

@@ -7,8 +7,8 @@ One rollout step, for a batch of prompts:
      pool (timeouts score 0);
   3. advantages are normalised within each group;
   4. reference log-probs come from the frozen initial policy when `kl_coef` > 0;
-  5. `minibatches` x `update_passes` optimizer steps run the jitted update on prompt + response rows,
-     with pi_old = the rollout's log-probs (or a recomputed training forward).
+  5. `minibatches` x `update_passes` optimizer steps run the jitted update on prompt + response rows (each
+     minibatch whole groups), with pi_old = the rollout's log-probs (or a recomputed training forward).
 Everything random derives from `state.rng`, and the data position lives in the checkpoint, so a resumed
 run continues exactly. The loop (checkpoints, preemption, NaN guard, logging) is the SFT one.
 """
@@ -152,6 +152,15 @@ def build_rows(batch, out, adv: np.ndarray, group: int, mask_forced: bool) -> di
     }
 
 
+def minibatch_order(key, rows: int, group: int) -> np.ndarray:
+    """Row order for the minibatches: whole groups in a random order. A group's advantages sum to zero (those of
+    every built-in estimator), so the tokens its responses share (the answer format) get no net push; a group
+    split over minibatches pushes them by the unbalanced part, which on the learning test flipped `<answer>` to
+    `</answer>` in one step."""
+    groups = np.asarray(jax.random.permutation(key, rows // group))
+    return (groups[:, None] * group + np.arange(group)).ravel()
+
+
 class GRPOTrainer:
     """Holds the sampler, reward pool, reference params and jitted functions; `step` is the loop's step_fn."""
 
@@ -259,7 +268,7 @@ class GRPOTrainer:
         else:
             gap = {"sampler_logp_gap": self._sampler_mismatch(state.params, rows, put)} if check_gap else {}
         t1 = time.perf_counter()
-        order = np.asarray(jax.random.permutation(update_key, n))
+        order = minibatch_order(update_key, n, g.group_size)
         per = n // g.minibatches
         step_metrics = []
         for _ in range(g.update_passes):
@@ -269,7 +278,7 @@ class GRPOTrainer:
                 mb_rows["num_seqs"] = np.full((per,), max(1, int((mb_rows["loss_mask"].sum(1) > 0).sum())), np.float32)
                 state, m = self.update(state, put(mb_rows))
                 step_metrics.append(jax.device_get(m))
-            order = np.asarray(jax.random.permutation(jax.random.fold_in(update_key, len(step_metrics)), n))
+            order = minibatch_order(jax.random.fold_in(update_key, len(step_metrics)), n, g.group_size)
         t_update = time.perf_counter() - t1
         state = state.replace(step=state.step + 1, rng=jax.random.split(state.rng)[0])
         last = step_metrics[-1]
@@ -363,11 +372,11 @@ def check_layout(config, mesh: Mesh) -> None:
         raise parallel.MeshError(
             f"train.batch_size {tr.batch_size} prompts do not split over data x fsdp = {dp} devices (prompts are "
             f"prefilled sharded); use a multiple of {dp} or change mesh.shape")
-    rows = tr.batch_size * g.group_size
-    if rows % g.minibatches:
+    if tr.batch_size % g.minibatches:
         raise parallel.MeshError(
-            f"train.batch_size x grpo.group_size = {rows} rows do not split into grpo.minibatches {g.minibatches}")
-    per = rows // g.minibatches
+            f"train.batch_size {tr.batch_size} prompts do not split into grpo.minibatches {g.minibatches} "
+            "(each minibatch holds whole groups)")
+    per = tr.batch_size * g.group_size // g.minibatches
     if per % (dp * g.microbatches):
         raise parallel.MeshError(
             f"each minibatch has {per} rows but needs a multiple of data x fsdp x grpo.microbatches = "
