@@ -309,7 +309,7 @@ COMMANDS["plot"] = ("training curves of one or more runs (metrics.jsonl) as a PN
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a ~2-minute miniature (what the tests run)")
+    p.add_argument("--quick", action="store_true", help="a one-minute miniature on a quiet 2-core CPU (what the tests run)")
     p.add_argument("--out", default="runs/demo", help="output directory (checkpoints, metrics, curves.png)")
 
 
