@@ -16,7 +16,7 @@ Each side runs in its own child process (the other framework idle and absent fro
 alternating for `--reps` rounds; a figure is a side's best round, and within a round its best of 3 (SFT,
 GRPO) or median of 3 (prefill, decode). fp32 on CPU (both sides use every core the process may run on);
 bf16 on GPU (PyTorch: autocast / bf16 weights, sdpa attention). On a CPU backend the xr_jax side keeps freed
-host memory as `xr-jax` does (`xr_jax.host_memory`); `--same-host-malloc` gives PyTorch the same settings.
+host memory as `xr-jax` does (`xr_jax.cli.host_memory`); `--same-host-malloc` gives PyTorch the same settings.
 Writes bench.json under --out (default $OUT, else a temp dir) and prints the table last.
 Imports only jax, flax, optax, numpy, torch and transformers (no grain, no datasets: checked at the end).
 """
@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from bench import grpo as grpo_bench, machine, sampler, train_step
-from xr_jax.host_memory import reuse_freed_memory
+from xr_jax.cli.host_memory import reuse_freed_memory
 from xr_jax.models.presets import preset
 from xr_jax.train import flops
 
@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process: measure this side
     ap.add_argument("--rows", help=argparse.SUPPRESS)  # where the child writes its rows
     ap.add_argument("--same-host-malloc", action="store_true",
-                    help="give the PyTorch side xr_jax's host allocator settings too (xr_jax.host_memory)")
+                    help="give the PyTorch side xr_jax's host allocator settings too (xr_jax.cli.host_memory)")
     args = ap.parse_args(argv)
     if args.side == "xr_jax" or (args.side and args.same_host_malloc):
         reuse_freed_memory()  # what `xr-jax` does on a CPU backend; before the backend starts

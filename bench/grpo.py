@@ -25,7 +25,7 @@ def xr_runner(cfg, params, prompts: np.ndarray, group: int, new: int):
     from xr_jax import parallel
     from xr_jax.config import OptimSection
     from xr_jax.models.qwen2_5_vl import init_params
-    from xr_jax.sampling import Prompt, Sampler, SamplingConfig, prepare_prompts
+    from xr_jax.sampling.sampler import Prompt, Sampler, SamplingConfig, prepare_prompts
     from xr_jax.train import grpo, state as state_lib
     from xr_jax.train.grpo_loss import GRPOLossConfig
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xr_jax import sampling
+from xr_jax.sampling import sampler as sampling
 from xr_jax.models.config import ModelConfig, TextConfig
 from xr_jax.models.presets import preset
 from xr_jax.models.qwen2_5_vl import init_params

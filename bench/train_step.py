@@ -10,7 +10,7 @@ Needs only jax/flax/optax/numpy (and torch/transformers for the comparison) — 
 
 Both this script's main and the suite (`python -m bench`) run each side in its own child process: beside
 an idle XLA thread pool, PyTorch's step measured up to 2.7x slower on 2 CPU cores. The JAX side keeps freed
-host memory as `xr-jax` does on CPU (`xr_jax.host_memory`); `--same-host-malloc` does the same for PyTorch.
+host memory as `xr-jax` does on CPU (`xr_jax.cli.host_memory`); `--same-host-malloc` does the same for PyTorch.
 """
 
 from __future__ import annotations
@@ -146,10 +146,10 @@ def main() -> None:
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--same-host-malloc", action="store_true",
-                   help="give the PyTorch side xr_jax's host allocator settings too (xr_jax.host_memory)")
+                   help="give the PyTorch side xr_jax's host allocator settings too (xr_jax.cli.host_memory)")
     args = p.parse_args()
 
-    from xr_jax.host_memory import reuse_freed_memory
+    from xr_jax.cli.host_memory import reuse_freed_memory
     from xr_jax.models.presets import preset
     from xr_jax.train import flops
 

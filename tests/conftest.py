@@ -9,7 +9,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from xr_jax.host_memory import reuse_freed_memory  # noqa: E402
+from xr_jax.cli.host_memory import reuse_freed_memory  # noqa: E402
 
 reuse_freed_memory()  # as `xr-jax` does on a CPU backend: before JAX starts it
 

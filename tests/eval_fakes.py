@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Optional, Sequence
 
-from xr_jax.evaluation import EvalPrompt, Generation, Scored
+from xr_jax.eval.runner import EvalPrompt, Generation, Scored
 
 
 class ScriptedGenerator:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from xr_jax.byte_match import ByteMatcher, kmp_automaton
+from xr_jax.sampling.byte_match import ByteMatcher, kmp_automaton
 
 PATTERN = b"</think>"
 # Qwen2.5 splits seen in practice (reference/x_reasoner_recipe.md §5.2) plus adversarial pieces.

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from tests.test_sft_resume import _assert_same, _state
-from xr_jax import checkpoint, parallel
+from xr_jax import parallel
+from xr_jax.checkpoints import training as checkpoint
 from xr_jax import config as config_lib
 from xr_jax.train import loop
 
@@ -85,7 +86,7 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
         os.makedirs(tmp_path, exist_ok=True)
         with open(tmp_path / checkpoint.LOCK_FILE, "w") as f:
             json.dump(holder, f)
-        with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoints.training"):
             ck = checkpoint.Checkpointer(str(tmp_path), lock=True)
         assert "took over the stale lock" in caplog.text and holder["command"] in caplog.text
         with open(tmp_path / checkpoint.LOCK_FILE) as f:
@@ -188,7 +189,7 @@ def test_zeroed_bytes_are_detected_and_the_previous_step_restored(tmp_path, stat
     assert wrong > 0  # what a restore without checksums gives: step 2 with wrong values, no message
     ck = checkpoint.Checkpointer(str(tmp_path / "ck"), keep=5)
     caplog.clear()  # the probes' warnings
-    with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoints.training"):
         got = ck.restore(abstract)
     assert got.step == 1 and got.data_state == {"index": 1}
     _assert_same(got.state, s1)
@@ -208,7 +209,7 @@ def test_a_truncated_latest_step_is_moved_aside_and_saved_again(tmp_path, states
     victim = _largest_data_file(tmp_path / "2" / "state")
     os.truncate(victim, os.path.getsize(victim) // 2)
     ck = checkpoint.Checkpointer(str(tmp_path), keep=5, async_save=False)
-    with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoints.training"):
         got = ck.restore(abstract)
     assert got.step == 1
     (record,) = caplog.records

@@ -6,7 +6,9 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from tests import hf_reference as ref
-from xr_jax import cli, convert, parallel
+from xr_jax import parallel
+from xr_jax.cli import commands as cli
+from xr_jax.checkpoints import convert
 
 
 def test_convert_round_trip_and_sharded_restore(tmp_path, capsys):

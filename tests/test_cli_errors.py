@@ -11,7 +11,8 @@ import os
 import pytest
 
 from tests.tiny_checkpoint import write_tiny_checkpoint
-from xr_jax import checkpoint, cli
+from xr_jax.checkpoints import training as checkpoint
+from xr_jax.cli import commands as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GSM8K = os.path.join(ROOT, "tests", "fixtures", "eval", "gsm8k_test.jsonl")

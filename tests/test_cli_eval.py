@@ -8,7 +8,7 @@ import pytest
 
 from tests import eval_fixtures as fx
 from tests.tiny_checkpoint import write_tiny_checkpoint
-from xr_jax import cli
+from xr_jax.cli import commands as cli
 from xr_jax import config as config_lib
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xr_jax import cli, plot
+from xr_jax.cli import commands as cli
+from xr_jax.cli import plot
 
 
 def write_run(path, records):

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from tests.tiny_checkpoint import TINY, tiny_vl_model
-from xr_jax import chat_sampling as cs
-from xr_jax import cli
+from xr_jax.sampling import chat as cs
+from xr_jax.cli import commands as cli
 from xr_jax.data import images as images_lib
 
 S = TINY.special

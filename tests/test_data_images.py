@@ -128,11 +128,11 @@ def test_resolution_settings_set_image_grid_thw_as_transformers(tmp_path):
 
     from tests.eval_fakes import ScriptedGenerator, gen, tag_scorer
     from xr_jax import config as config_lib
-    from xr_jax import evaluation as ev
+    from xr_jax.eval import runner as ev
     from xr_jax.data import pipeline
     from xr_jax.data.sources import Example
     from xr_jax.data.tokenizer import load_tokenizer
-    from xr_jax.eval_model import ModelGenerator
+    from xr_jax.eval.generator import ModelGenerator
     from xr_jax.models.config import tiny_vl_config
     from xr_jax.train.sft import image_config
 

@@ -8,7 +8,7 @@ import json
 import math
 import os
 
-from xr_jax import cli
+from xr_jax.cli import commands as cli
 
 
 def test_demo_quick_runs_every_stage(tmp_path, capsys):

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from tests import eval_fixtures as fx
-from xr_jax import benchmarks as bm
+from xr_jax.eval import benchmarks as bm
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
 

@@ -4,8 +4,8 @@ and the forced-exit budget (responses bounded by the cap)."""
 import pytest
 
 from tests.eval_fakes import ScriptedGenerator, endless_thinker, gen, tag_scorer
-from xr_jax import benchmarks as bm
-from xr_jax import evaluation as ev
+from xr_jax.eval import benchmarks as bm
+from xr_jax.eval import runner as ev
 
 
 def mc_item(i, gold, bench="medqa_4op"):

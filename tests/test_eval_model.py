@@ -10,10 +10,10 @@ import pytest
 
 from tests import eval_fixtures as fx
 from tests.eval_fakes import tag_scorer
-from xr_jax import evaluation as ev
+from xr_jax.eval import runner as ev
 from xr_jax import parallel
 from xr_jax.data.tokenizer import load_tokenizer
-from xr_jax.eval_model import ModelGenerator
+from xr_jax.eval.generator import ModelGenerator
 from xr_jax.models.config import tiny_vl_config
 from xr_jax.models.qwen2_5_vl import init_params
 

@@ -12,8 +12,8 @@ import pytest
 
 from tests import eval_fixtures as fx
 from tests.eval_fakes import ScriptedGenerator, gen, tag_scorer
-from xr_jax import benchmarks as bm
-from xr_jax import evaluation as ev
+from xr_jax.eval import benchmarks as bm
+from xr_jax.eval import runner as ev
 from xr_jax.data import templates
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")

@@ -40,11 +40,11 @@ HELD_OUT_SEED, HELD_OUT, SAMPLES = 4321, 64, 8
 
 def sampled_reward(model_dir: str, seed: int = 0) -> float:
     """Mean math reward over SAMPLES samples (temperature 1) of each of HELD_OUT held-out problems."""
-    from xr_jax import convert
+    from xr_jax.checkpoints import convert
     from xr_jax.data import pipeline
     from xr_jax.data.synthetic import SyntheticConfig, synthetic_source
     from xr_jax.data.tokenizer import load_tokenizer
-    from xr_jax.sampling import Prompt, Sampler, SamplingConfig
+    from xr_jax.sampling.sampler import Prompt, Sampler, SamplingConfig
 
     tok = load_tokenizer("tiny")
     cfg, params = convert.load_model(model_dir)

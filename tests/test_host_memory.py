@@ -1,4 +1,4 @@
-"""xr_jax.host_memory: freed host memory is reused (no page faults per run) once applied, and it is only
+"""xr_jax.cli.host_memory: freed host memory is reused (no page faults per run) once applied, and it is only
 applied where it can take effect (glibc, a CPU backend that has not started, not opted out)."""
 
 import json
@@ -9,14 +9,14 @@ import sys
 import jax
 import pytest
 
-from xr_jax import host_memory
+from xr_jax.cli import host_memory
 
 # A fresh process: optionally apply the settings, then run a jitted op whose 64 MiB output is freed after
 # each call; the median of the minor page faults per call after 10 warm-up calls (the heap may still grow
 # now and then while freed outputs wait to be released).
 PROBE = r"""
 import json, resource, statistics, sys
-from xr_jax.host_memory import reuse_freed_memory
+from xr_jax.cli.host_memory import reuse_freed_memory
 applied = reuse_freed_memory() if sys.argv[1] == "apply" else False
 import jax, jax.numpy as jnp
 x = jnp.ones((4096, 4096), jnp.float32)

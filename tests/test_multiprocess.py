@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from xr_jax import convert
+from xr_jax.checkpoints import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5

@@ -9,10 +9,11 @@ import flax.linen as nn
 import jax
 import pytest
 
-from xr_jax import config as config_lib, plan as plan_lib
+from xr_jax import config as config_lib
+from xr_jax.cli import plan as plan_lib
 from xr_jax.models.presets import preset
 from xr_jax.models.qwen2_5_vl import init_params
-from xr_jax.plan import Budget, Layout, Measurement
+from xr_jax.cli.plan import Budget, Layout, Measurement
 
 OVERRIDES = ["train.batch_size=16", "train.seq_len=128", "train.microbatches=1", "mesh.shape=[1,8,1]",
              "model.remat=none"]

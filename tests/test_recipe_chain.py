@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tests.tiny_checkpoint import write_bpe_checkpoint
-from xr_jax import cli, convert
+from xr_jax.cli import commands as cli
+from xr_jax.checkpoints import convert
 from xr_jax.data.tokenizer import TOKENIZER_FILES, load_tokenizer
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from tests import hf_reference as ref
-from xr_jax import parallel, sampling
+from xr_jax import parallel
+from xr_jax.sampling import sampler as sampling
 from xr_jax.models import hf, vision
 from xr_jax.models.config import tiny_vl_config
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL, get_rope_index, init_params
-from xr_jax.sampling import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig
+from xr_jax.sampling.sampler import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig
 
 CFG = tiny_vl_config()
 N_NEW = 12  # T of the plain greedy program; forced-exit runs use max_think + 3 + max_answer = 12 too

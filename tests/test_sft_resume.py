@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xr_jax import checkpoint, convert, parallel
+from xr_jax import parallel
+from xr_jax.checkpoints import training as checkpoint
+from xr_jax.checkpoints import convert
 from xr_jax.config import OptimSection
 from xr_jax.models.presets import preset
 from xr_jax.models.qwen2_5_vl import init_params
@@ -162,7 +164,7 @@ def test_corrupt_or_half_written_latest_checkpoint_falls_back_with_a_message(tmp
             if "d" in root.split(os.sep)[-1] or f.endswith((".zarray", "manifest.ocdbt")):
                 with open(os.path.join(root, f), "wb") as fh:
                     fh.write(b"garbage")
-    with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoints.training"):
         got = checkpoint.Checkpointer(str(tmp_path), keep=5).restore(abstract)
     assert got.step == 1 and got.data_state == {"index": 1} and got.config == {"a": 1}
     _assert_same(got.state, s1)

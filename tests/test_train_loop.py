@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xr_jax import checkpoint, parallel
+from xr_jax import parallel
+from xr_jax.checkpoints import training as checkpoint
 from xr_jax.config import OptimSection
 from xr_jax.data.random_tokens import RandomTokenBatches
 from xr_jax.errors import EXIT_RESUMABLE, RunStopped

@@ -19,7 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Sequence, Union
 
 from xr_jax.data import images as images_lib
 from xr_jax.data.synthetic import SyntheticConfig
-from xr_jax.evaluation import EvalSection
+from xr_jax.eval.runner import EvalSection
 from xr_jax.errors import UserError
 from xr_jax.models.config import Attention, DType, Remat
 from xr_jax.registry import Registry

@@ -298,7 +298,7 @@ def resume_or_start(config, abstract_state, batches, fresh: Callable[[], Any]):
     The directory is locked for this run (`Checkpointer.close` releases it) and the checkpoint's config must
     match this one but for the keys `checkpoint.SAFE_TO_CHANGE` and `checkpoint.allow_config_change` permit.
     """
-    from xr_jax import checkpoint as ckpt_lib
+    from xr_jax.checkpoints import training as ckpt_lib
     from xr_jax.config import to_dict
 
     c = config.checkpoint

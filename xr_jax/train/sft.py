@@ -205,7 +205,7 @@ def build_model(config, mesh: Mesh, tokenizer=None):
     runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
                    attention=m.attention)
     if m.path is not None:
-        from xr_jax import convert
+        from xr_jax.checkpoints import convert
 
         return convert.load_any(m.path, mesh=mesh, cast=m.param_dtype, **runtime)
     cfg = presets.preset(m.preset, **runtime)
@@ -225,7 +225,7 @@ def load_tokenizer(config):
     None for `data.source: random` without `model.tokenizer`."""
     if config.data.source == "random" and config.model.tokenizer is None:
         return None
-    from xr_jax import convert
+    from xr_jax.checkpoints import convert
 
     return convert.load_tokenizer_for(config.model.path, config.model.tokenizer, "model.tokenizer")
 
@@ -295,7 +295,7 @@ def export_final(config, model_cfg: ModelConfig, params, tokenizer=None) -> Opti
     half-written export, and an existing one is replaced only once the new one is complete."""
     if config.train.export_dir is None:
         return None
-    from xr_jax import convert
+    from xr_jax.checkpoints import convert
 
     return write_atomically(config.train.export_dir, lambda tmp: convert.save_model(
         tmp, model_cfg, params, source=config.model.path, tokenizer=tokenizer))

@@ -2,7 +2,7 @@
 
 A prompt becomes the Qwen2.5-VL chat (default system message, then the user turn with its images first,
 as in the X-Reasoner model card), `<|image_pad|>` runs expanded to each image's patch count, and token
-ids. Generation runs on the mesh through `xr_jax.sampling.Sampler` with forced exit (`</think>` written
+ids. Generation runs on the mesh through `xr_jax.sampling.sampler.Sampler` with forced exit (`</think>` written
 at the thinking budget); one sampler (and one compiled program per shape bucket) is kept per sampling
 configuration, so a suite of benchmarks compiles once per prompt-length bucket.
 """
@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from xr_jax.evaluation import EvalPrompt, Generation
+from xr_jax.eval.runner import EvalPrompt, Generation
 
 FORCED_TEXT = "</think>"
 
@@ -35,7 +35,7 @@ class ModelGenerator:
     def __init__(self, model_cfg, params, tokenizer, *, mesh=None, image_config=None, system: Optional[str] = None,
                  forced_text: str = FORCED_TEXT):
         from xr_jax.data.images import ImageConfig
-        from xr_jax.sampling import ForcedExit
+        from xr_jax.sampling.sampler import ForcedExit
 
         self.model_cfg, self.params, self.tokenizer, self.mesh = model_cfg, params, tokenizer, mesh
         self.image_config = image_config or ImageConfig()
@@ -49,14 +49,14 @@ class ModelGenerator:
         return len(self.forced_exit.ids)
 
     def encode(self, prompt: EvalPrompt):
-        from xr_jax.chat_sampling import encode_chat
+        from xr_jax.sampling.chat import encode_chat
         from xr_jax.data import templates
 
         messages = templates.build_messages(prompt.text, n_images=len(prompt.images), system=self.system)
         return encode_chat(self.tokenizer, messages, prompt.images, self.image_config, prompt.id)
 
     def _sampler(self, scfg):
-        from xr_jax.sampling import Sampler
+        from xr_jax.sampling.sampler import Sampler
 
         if scfg not in self._samplers:
             forced = self.forced_exit if scfg.max_think is not None else None
@@ -67,7 +67,7 @@ class ModelGenerator:
         self, prompts: Sequence[EvalPrompt], *, greedy: bool, temperature: float, num_samples: int,
         max_think: Optional[int], max_answer: int, max_new_tokens: int, seed: int,
     ) -> list[list[Generation]]:
-        from xr_jax.sampling import SamplingConfig
+        from xr_jax.sampling.sampler import SamplingConfig
 
         special = self.tokenizer.special
         scfg = SamplingConfig(
@@ -95,7 +95,8 @@ class ModelGenerator:
         The tokenizer is `model.tokenizer`, else the checkpoint's own (its `assets/` folder for an xr_jax
         checkpoint).
         """
-        from xr_jax import convert, parallel
+        from xr_jax import parallel
+        from xr_jax.checkpoints import convert
 
         m = config.model
         if not getattr(m, "path", None):

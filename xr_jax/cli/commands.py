@@ -8,7 +8,7 @@ from typing import Callable
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from xr_jax import convert
+    from xr_jax.checkpoints import convert
 
     if bool(args.from_hf) == bool(args.from_ckpt):
         raise SystemExit("xr-jax convert: give exactly one of --from-hf HF_DIR or --from CKPT")
@@ -137,8 +137,8 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 def _sample(args: argparse.Namespace) -> None:
     import os
 
-    from xr_jax import chat_sampling as cs
-    from xr_jax import convert
+    from xr_jax.sampling import chat as cs
+    from xr_jax.checkpoints import convert
 
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r} is not a checkpoint directory")
@@ -187,10 +187,10 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _build_sampler(args: argparse.Namespace, tokenizer):
     """The model (one device) and a `Sampler` for the command's decoding options."""
-    from xr_jax import chat_sampling as cs
-    from xr_jax import convert
-    from xr_jax.eval_model import FORCED_TEXT, token_byte_table
-    from xr_jax.sampling import ForcedExit, Sampler, SamplingConfig
+    from xr_jax.sampling import chat as cs
+    from xr_jax.checkpoints import convert
+    from xr_jax.eval.generator import FORCED_TEXT, token_byte_table
+    from xr_jax.sampling.sampler import ForcedExit, Sampler, SamplingConfig
 
     print(f"loading {args.model}", file=sys.stderr)
     cfg, params = convert.load_any(args.model, cast=args.dtype)
@@ -219,7 +219,7 @@ COMMANDS["sample"] = ("generate from a checkpoint: chat prompts (text + images),
 # ----------------------------------------------------------------------------- eval
 
 EVAL_EPILOG = """\
-Runs the benchmarks of the config's `eval` section (xr_jax.evaluation.EvalSection) on the model of
+Runs the benchmarks of the config's `eval` section (xr_jax.eval.runner.EvalSection) on the model of
 `model.path` (a Hugging Face or xr_jax checkpoint; its tokenizer is the checkpoint's own unless
 model.tokenizer names one: "qwen2.5", "tiny" or a directory) on the
 `mesh.shape` mesh, with the paper's protocol: its prompt templates, greedy decoding (or eval.protocol=sampling
@@ -254,7 +254,7 @@ def _eval(args: argparse.Namespace) -> None:
     import os
 
     from xr_jax import config as config_lib
-    from xr_jax import evaluation
+    from xr_jax.eval import runner as evaluation
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     config = config_lib.load(args.config, args.overrides, validate=False).validate(training=False)
@@ -298,7 +298,7 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    from xr_jax import plot
+    from xr_jax.cli import plot
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     drawn = plot.plot_runs(args.runs, metrics, args.out)
@@ -314,7 +314,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from xr_jax import demo
+    from xr_jax.cli import demo
 
     demo.main(args.out, quick=args.quick)
 
@@ -324,13 +324,13 @@ COMMANDS["demo"] = ("the built-in default: base -> SFT -> GRPO -> eval (text and
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
-    from xr_jax import plan
+    from xr_jax.cli import plan
 
     plan.add_args(p)
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from xr_jax import plan
+    from xr_jax.cli import plan
 
     plan.run(args)
 
@@ -353,7 +353,7 @@ def main(argv=None) -> int:
     for name, (help_, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_, description=help_))
     args = parser.parse_args(argv)  # --help and usage errors exit here, without importing JAX
-    from xr_jax.host_memory import reuse_freed_memory
+    from xr_jax.cli.host_memory import reuse_freed_memory
 
     reuse_freed_memory()  # before anything starts JAX's backend (a no-op off the CPU)
     from xr_jax.errors import EXIT_USER_ERROR, RunStopped
@@ -369,5 +369,3 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

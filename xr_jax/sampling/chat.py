@@ -3,7 +3,7 @@
 A conversation is a list of messages in the transformers chat format: `{"role": ..., "content": str | [item]}`
 with items `{"type": "text", "text": ...}` and `{"type": "image", "image": PATH}`. The chat template is the
 tokenizer's (the checkpoint's own, or the built-in Qwen2.5-VL one), each image's single `<|image_pad|>` is
-expanded to its patch count, and generation runs through `xr_jax.sampling.Sampler` (forced exit when a
+expanded to its patch count, and generation runs through `xr_jax.sampling.sampler.Sampler` (forced exit when a
 thinking budget is given).
 
 Every (prompt, sample) row gets its own PRNG key, `fold_in(fold_in(key(seed), prompt_index), sample)`, so
@@ -101,7 +101,7 @@ def read_chats(path: str) -> list[Chat]:
 def encode_chat(tokenizer, messages: Sequence[dict], images: Sequence[Any], image_config=None, name: str = "prompt"):
     """The sampler's `Prompt`: chat template with the generation prompt, image pads expanded, token ids."""
     from xr_jax.data import images as images_lib
-    from xr_jax.sampling import Prompt
+    from xr_jax.sampling.sampler import Prompt
 
     text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
     if not images:

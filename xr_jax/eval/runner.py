@@ -6,7 +6,7 @@ or k samples at temperature 0.3 (avg@k, maj@k, pass@k), output capped at 4,096 t
 
 The runner talks to the model through two small seams, so that it can be tested with injected responses:
 - a `Generator` turns `EvalPrompt`s (user-turn text + images) into `Generation`s (text, token count,
-  finish reason, forced flag); `xr_jax.eval_model.ModelGenerator` is the real one (tokenizer + sampler);
+  finish reason, forced flag); `xr_jax.eval.generator.ModelGenerator` is the real one (tokenizer + sampler);
 - a `Scorer` turns (item, response) pairs into `Scored` (extracted answer, vote key, correct);
   `RewardScorer` uses the project's reward functions in their worker pool.
 
@@ -43,7 +43,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
-from xr_jax import benchmarks as bm
+from xr_jax.eval import benchmarks as bm
 from xr_jax.data import images as images_lib
 from xr_jax.errors import UserError, check_writable_dir
 
@@ -67,7 +67,7 @@ class PredictionsError(UserError, ValueError):
 class EvalSection:
     """The `eval` section of the run config.
 
-    benchmarks: registry names (`xr_jax.benchmarks.BENCHMARKS`) to run, in order.
+    benchmarks: registry names (`xr_jax.eval.benchmarks.BENCHMARKS`) to run, in order.
     sources: per benchmark, where its data is and how much of it: {name: {path, split, image_root,
         limit, subsample_seed}} (all optional; `path` defaults to the benchmark's hub id).
     protocol: "greedy" (k = 1, the paper's headline numbers) or "sampling" (`num_samples` at
@@ -667,7 +667,7 @@ def main(config: Any) -> dict[str, BenchmarkMetrics]:
         if cfg.rescore is not None:
             metrics = rescore(cfg.rescore, scorer, cfg.output_dir)
         else:
-            from xr_jax.eval_model import ModelGenerator
+            from xr_jax.eval.generator import ModelGenerator
 
             print(f"loading {model}", file=sys.stderr)
             generator = ModelGenerator.from_config(config)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xr_jax import parallel
-from xr_jax.byte_match import ByteMatcher
+from xr_jax.sampling.byte_match import ByteMatcher
 from xr_jax.errors import UserError
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2 import CACHE_AXES, init_cache

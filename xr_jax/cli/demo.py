@@ -69,12 +69,12 @@ def evaluate(model_dir: str, task: str, n: int, pool, template: str = "think", s
     training stage used), scored by the `math` reward in the `RewardPool` `pool` (model output is never checked
     in this process). `read`: the fraction of outputs that state the problem's expression ("The expression is
     2 + 3.") — on image problems, whether the model read the image."""
-    from xr_jax import convert
+    from xr_jax.checkpoints import convert
     from xr_jax.data import pipeline
     from xr_jax.data.synthetic import SyntheticConfig, make_problem, statement, synthetic_source
     from xr_jax.data.tokenizer import load_tokenizer
-    from xr_jax.eval_model import token_byte_table
-    from xr_jax.sampling import ForcedExit, Prompt, Sampler, SamplingConfig
+    from xr_jax.eval.generator import token_byte_table
+    from xr_jax.sampling.sampler import ForcedExit, Prompt, Sampler, SamplingConfig
 
     tok = load_tokenizer("tiny")
     cfg, params = convert.load_model(model_dir)
@@ -98,7 +98,7 @@ def evaluate(model_dir: str, task: str, n: int, pool, template: str = "think", s
 
 
 def main(out_dir: str = "runs/demo", quick: bool = False) -> dict:
-    from xr_jax.plot import plot_panels
+    from xr_jax.cli.plot import plot_panels
     from xr_jax.rewards import RewardPool
     from xr_jax.train import grpo, sft
 

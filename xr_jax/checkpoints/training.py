@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 
 from xr_jax.errors import UserError
 
-log = logging.getLogger("xr_jax.checkpoint")
+log = logging.getLogger("xr_jax.checkpoints.training")
 
 LOCK_FILE = "xr_jax.lock"
 MANIFEST_FILE = "xr_jax_checksums.json"

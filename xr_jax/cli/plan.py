@@ -193,7 +193,7 @@ def model_config(config, remat: Optional[str] = None):
     checkpoint's model_config.json) or the preset (with `model.vocab_size` when set)."""
     import dataclasses as dc
 
-    from xr_jax import convert
+    from xr_jax.checkpoints import convert
     from xr_jax.models import hf, presets
     from xr_jax.models.config import config_from_dict
 
@@ -343,7 +343,7 @@ class Worker:
         self._done: dict[str, Measurement] = {}
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "xr_jax.plan", "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "xr_jax.cli.plan", "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._stderr, text=True, env=env)
 
     def measure(self, config_dict: dict, layout: Layout, stage: str = "sft", compile: bool = True) -> Measurement:
@@ -676,6 +676,6 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--worker"]:
         _worker_main()
     else:
-        parser = argparse.ArgumentParser(prog="python -m xr_jax.plan")
+        parser = argparse.ArgumentParser(prog="python -m xr_jax.cli.plan")
         add_args(parser)
         run(parser.parse_args())
