@@ -190,7 +190,7 @@ class RewardTerm:
 class GRPOSection:
     """Stage 2 (GRPO with verifiable rewards). `train.batch_size` is the number of PROMPTS per rollout step
     (paper: 128); each gets `group_size` samples (paper: 8). Defaults are the paper's where it gives them
-    (reference/x_reasoner_recipe.md §4) and the project's documented choices elsewhere.
+    and the project's documented choices elsewhere (docs/recipe.md).
 
     The prompts come from `data.source` / `data.path` (e.g. "orz_math", or "synthetic").
     max_prompt_len / max_new_tokens: prompt budget (longer prompts are dropped and counted) and response

@@ -85,7 +85,7 @@ class Format:
     alternatives: tuple[tuple[str, ...], ...] = ()  # other accepted column sets (e.g. datasets' "0"/"1")
 
 
-# OpenThoughts markers -> X-Reasoner tags ([xr_jax default], reference x_reasoner_recipe.md §3.2).
+# OpenThoughts markers -> X-Reasoner tags ([xr_jax default]: the paper trains on the tagged form).
 OPENTHOUGHTS_MARKERS: dict[str, str] = {
     "<|begin_of_thought|>": "<think>",
     "<|end_of_thought|>": "</think>",

@@ -311,7 +311,8 @@ class GRPOTrainer:
         return out
 
     def _sampler_mismatch(self, params, rows, put) -> float:
-        """Mean |logp_sampler - logp_train| over loss tokens (the §1.9 gap; 0 up to fp error here)."""
+        """Mean |logp_sampler - logp_train| over loss tokens: a sampler/trainer mismatch biases the importance
+        ratios away from 1 (0 up to fp error here)."""
         return self._gap(parallel.host_array(self.logprobs(params, put(self._with_placeholders(rows)))), rows)
 
     @staticmethod
