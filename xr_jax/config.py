@@ -70,7 +70,9 @@ class DataSection:
     resolution bounds of image rows (`xr_jax.data.images`; default the checkpoints' preprocessor_config.json,
     3136 / 12845056; the paper's data is text only). overflow (SFT): a sample longer than `train.seq_len` is cut ("truncate", the paper's), skipped ("drop") or continued in the next row ("chunk",
     llama-recipes' concatenate-and-chunk); the counts are logged and in `<logging.dir>/data_summary.json`.
-    cache_dir: where the counted first pass of `train.epochs` is cached (None: `<logging.dir>/data_cache`)."""
+    cache_dir: where the counted first pass of `train.epochs` is cached (None: `<logging.dir>/data_cache`).
+    split: a hub id's split; in a local directory, the files whose names carry it (e.g. MedQA's train.jsonl
+    beside dev/test), or every file when none does."""
 
     source: str = "random"
     path: Optional[str] = None
