@@ -1,4 +1,5 @@
-"""Tiny random transformers models (built offline from configs) used as the parity reference."""
+"""The references the parity tests compare against: tiny random transformers models (built offline from
+configs) and transformers' vision-tower index arrays and parameter tree, from ours."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
 )
+
+from xr_jax.models import hf_tree, naming, vision
+from xr_jax.models.config import VisionConfig
 
 TEXT = dict(
     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -50,11 +54,18 @@ def state_dict_numpy(model) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def swap_rope_axes(positions) -> np.ndarray:
+    """M-RoPE positions between transformers' [3, B, T] and ours [B, 3, T] (either way)."""
+    return np.swapaxes(np.asarray(positions), 0, 1)
+
+
 def hf_logits(model, input_ids, attention_mask, position_ids=None, pixel_values=None, image_grid_thw=None):
+    """transformers' logits; `position_ids` ours ([B, 3, T] M-RoPE or [B, T])."""
     with torch.no_grad():
         kw = dict(input_ids=torch.tensor(np.asarray(input_ids)), attention_mask=torch.tensor(np.asarray(attention_mask)))
         if position_ids is not None:
-            kw["position_ids"] = torch.tensor(np.asarray(position_ids))
+            pos = np.asarray(position_ids)
+            kw["position_ids"] = torch.tensor(swap_rope_axes(pos) if pos.ndim == 3 else pos)
         if pixel_values is not None:
             kw["pixel_values"] = torch.tensor(np.asarray(pixel_values))
             kw["image_grid_thw"] = torch.tensor(np.asarray(image_grid_thw))
@@ -68,3 +79,31 @@ def image_prompt(rng: np.random.RandomState, grids, text_lens, vocab: int = 60) 
         ids += [VSTART] + [IMAGE_TOKEN] * (int(np.prod(g)) // 4) + [VEND]
         ids += list(rng.randint(2, vocab, size=n))
     return ids
+
+
+def hf_window_index(grid_thw: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' `(window_index, cu_window_seqlens)` from our windows: the merged-token permutation into
+    window order and the cumulative window lengths in patches (int32, starting at 0)."""
+    windows = vision._windows(vision._check_grid(grid_thw, cfg), cfg)
+    lengths = np.array([len(w) for w in windows]) * cfg.merge_unit
+    return np.concatenate(windows), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+
+
+def hf_cu_seqlens(grid_thw: np.ndarray, cfg: VisionConfig) -> np.ndarray:
+    """transformers' full-attention `cu_seqlens`: one segment of h*w patches per image per frame."""
+    grid = vision._check_grid(grid_thw, cfg)
+    lengths = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+
+
+def vision_params_from_hf(tensors: dict[str, np.ndarray], prefix: str = "visual.") -> dict:
+    """The tower's param tree from HF tensors named `{prefix}...` (either naming scheme); other tensors (e.g.
+    the language model's) are ignored, so a whole state dict can be passed."""
+    picked = {n: w for n, w in tensors.items() if naming.canonical_hf_name(n).startswith(prefix)}
+    if not picked:
+        raise ValueError(f"no tensor named {prefix}* (or model.{prefix}*) among {len(tensors)} tensors")
+    tree = hf_tree.tree_from_hf(picked)
+    for key in prefix.rstrip(".").split("."):
+        tree = tree[key]
+    return tree
+

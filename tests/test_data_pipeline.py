@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.pipeline_reference import attention_mask, eval_pipeline
 from xr_jax.data import pipeline as P
 from xr_jax.data import sources, synthetic
 from xr_jax.data.tokenizer import load_tokenizer
@@ -69,7 +70,7 @@ def test_attention_mask_never_crosses_segments(tok):
     src = synthetic.synthetic_source(synthetic.SyntheticConfig(num_examples=40))
     batch = next(iter(P.sft_pipeline(src, tok, P.SFTConfig(max_len=512, batch_size=2), process_index=0, process_count=1)))
     seg = batch["segment_ids"]
-    mask = P.attention_mask(seg)
+    mask = attention_mask(seg)
     assert mask.shape == (2, 512, 512)
     for row in range(2):
         q, k = np.nonzero(mask[row])
@@ -260,7 +261,7 @@ def test_mixed_text_and_image_rows(tok):
     np.testing.assert_array_equal(batch["image_grid_thw"], [[1, 8, 16]] * 2)
     expected = np.concatenate([P.encode_sft(src[i], tok, cfg)["pixel_values"] for i in (1, 3)])
     np.testing.assert_array_equal(batch["pixel_values"], expected)
-    prompts = next(iter(P.eval_pipeline(src, tok, P.PromptBatchConfig(batch_size=4, max_prompt_len=200),
+    prompts = next(iter(eval_pipeline(src, tok, P.PromptBatchConfig(batch_size=4, max_prompt_len=200),
                                         process_index=0, process_count=1)))
     np.testing.assert_array_equal((prompts["prompt_ids"] == tok.special.image_pad).sum(1), [0, 32, 0, 32])
     np.testing.assert_array_equal(prompts["pixel_values"], expected)
@@ -281,7 +282,7 @@ def test_rl_image_prompt_over_budget_is_dropped_not_truncated(tok):
 def test_eval_batches_in_order_with_metadata(tok):
     gpqa = sources.load_source(str(FIXTURES / "gpqa_diamond_30.json"), "orz_eval")
     cfg = P.PromptBatchConfig(batch_size=8, max_prompt_len=1024, prompt=P.PromptConfig(template="x_reasoner_eval_mc"))
-    batches = list(P.eval_pipeline(gpqa, tok, cfg, process_index=0, process_count=1))
+    batches = list(eval_pipeline(gpqa, tok, cfg, process_index=0, process_count=1))
     assert len(batches) == 4 and [int(b["valid"].sum()) for b in batches] == [8, 8, 8, 6]
     ids = [i for b in batches for i, v in zip(b["ids"], b["valid"]) if v]
     assert ids == [f"gpqa_diamond_30:{i}" for i in range(30)]
@@ -293,7 +294,7 @@ def test_eval_batches_in_order_with_metadata(tok):
     assert batches[0]["meta"][0]["file_name"] == "gpqa_diamond_30"
     math = sources.load_source(str(FIXTURES / "math500_40.json"), "orz_eval")
     cfg = P.PromptBatchConfig(batch_size=16, max_prompt_len=1024, prompt=P.PromptConfig(template="x_reasoner_eval_math"))
-    batches = list(P.eval_pipeline(math, tok, cfg, process_index=0, process_count=1))
+    batches = list(eval_pipeline(math, tok, cfg, process_index=0, process_count=1))
     assert sum(int(b["valid"].sum()) for b in batches) == 40 and batches[-1]["prompt_ids"].shape == (16, 1024)
 
 

@@ -128,6 +128,27 @@ def test_bad_rows_raise_badrow_with_reason(tmp_path):
     assert good == 50 and reasons == expected
 
 
+def test_directory_reads_the_split_files_and_benchmarks_refuse_bad_rows(tmp_path):
+    """One reader (`data.files`) for both: a directory of train/test files gives the split's rows (all files when
+    no name carries it); the rows a training source skips and counts, a benchmark refuses with file and line."""
+    from xr_jax.eval import benchmarks
+
+    rows = (FIXTURES / "gsm8k_test_50.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:30]) + "\n")
+    (tmp_path / "test.jsonl").write_text("\n".join(rows[30:]) + "\n")
+    assert len(sources.load_source(str(tmp_path), "gsm8k")) == 30
+    assert len(sources.load_source(str(tmp_path), "gsm8k", split="test")) == 20
+    assert len(sources.load_source(str(tmp_path), "gsm8k", split="validation")) == 50
+    bad = tmp_path / "bad" / "bad.jsonl"
+    bad.parent.mkdir()
+    write_planted_gsm8k(bad)  # its first bad row is line 4
+    with pytest.raises(benchmarks.BenchmarkFormatError, match=rf"row 3 \({bad}:4\): missing_field"):
+        benchmarks.load_benchmark("gsm8k", str(bad))
+    bad.write_bytes("\n".join(rows[:3]).encode() + b'\n{"question": "caf\xe9", "answer": "#### 2"}\n')
+    with pytest.raises(benchmarks.BenchmarkFormatError, match=rf"{bad}:4: not valid UTF-8"):
+        benchmarks.load_benchmark("gsm8k", str(bad))
+
+
 def test_medqa_four_and_five_options(tmp_path):
     """GBaker's 4-option jsonl and bigbio/med_qa's 5-option source schema (options as [{key, value}]) read to
     the same Example: the letter as the answer, the options as choices, in order."""

@@ -68,12 +68,12 @@ def test_rope_index_matches_transformers_with_images():
             torch.tensor(ids), mm_token_type_ids=torch.tensor((ids == ref.IMAGE_TOKEN).astype(np.int64)),
             image_grid_thw=torch.tensor(grids), attention_mask=torch.tensor(am),
         )
-    np.testing.assert_array_equal(pos, want_pos.numpy())
+    np.testing.assert_array_equal(pos, ref.swap_rope_axes(want_pos.numpy()))
     np.testing.assert_array_equal(deltas, want_d.numpy()[:, 0])
     # the worked example of reference/qwen2_5_vl.md §7.2
     one = np.array([ref.image_prompt(np.random.RandomState(0), [(1, 4, 6)], [3, 3])])
     p, d = get_rope_index(one, np.array([(1, 4, 6)]), None, cfg)
-    assert p[:, 0].tolist() == [
+    assert p[0].tolist() == [
         [0, 1, 2, 3, 4, 4, 4, 4, 4, 4, 7, 8, 9, 10],
         [0, 1, 2, 3, 4, 4, 4, 5, 5, 5, 7, 8, 9, 10],
         [0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8, 9, 10],
@@ -93,11 +93,11 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(vl):
     full, _ = model.apply(params, ids, pos, am)
     prompt = 6
     cache = init_cache(cfg, batch=2, max_len=20)
-    logits, cache = model.apply(params, ids[:, :prompt], pos[:, :, :prompt], am[:, :prompt], cache=cache)
+    logits, cache = model.apply(params, ids[:, :prompt], pos[..., :prompt], am[:, :prompt], cache=cache)
     steps = [logits]
     step = jax.jit(lambda c, i, p, s: model.apply(params, i, p, s, cache=c))
     for t in range(prompt, ids.shape[1]):
-        lg, cache = step(cache, ids[:, t:t + 1], pos[:, :, t:t + 1], am[:, t:t + 1])
+        lg, cache = step(cache, ids[:, t:t + 1], pos[..., t:t + 1], am[:, t:t + 1])
         steps.append(lg)
     got = np.concatenate([np.asarray(s) for s in steps], axis=1)
     mask = am.astype(bool)

@@ -6,7 +6,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from xr_jax.data.pipeline import SFTConfig, attention_mask as reference_mask, sft_pipeline
+from tests.pipeline_reference import attention_mask as reference_mask
+from xr_jax.data.pipeline import SFTConfig, sft_pipeline
 from xr_jax.data.synthetic import SyntheticConfig, synthetic_source
 from xr_jax.data.tokenizer import load_tokenizer
 from xr_jax.models import qwen2

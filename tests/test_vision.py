@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
+from tests import hf_reference as ref
 from xr_jax.models import hf_tree, naming, vision
 from xr_jax.models.config import VisionConfig
 
@@ -47,7 +48,7 @@ def hf_model():
 @pytest.fixture(scope="module")
 def params(hf_model):
     sd = {k: v.numpy() for k, v in hf_model.state_dict().items()}
-    return jax.tree.map(jnp.asarray, vision.params_from_hf(sd))
+    return jax.tree.map(jnp.asarray, ref.vision_params_from_hf(sd))
 
 
 def hf_merged(hf_model, pixels, grid):
@@ -87,10 +88,10 @@ WINDOW_GRIDS = [
 def test_window_index_and_seqlens_match_transformers(grid):
     g = torch.tensor(grid)
     want_index, want_cu_win = get_vision_window_index(g, spatial_merge_size=2, window_size=112, patch_size=14)
-    index, cu_win = vision.hf_window_index(np.array(grid), CFG)
+    index, cu_win = ref.hf_window_index(np.array(grid), CFG)
     np.testing.assert_array_equal(index, want_index.numpy())
     np.testing.assert_array_equal(cu_win, want_cu_win.numpy())
-    cu = vision.hf_cu_seqlens(np.array(grid), CFG)
+    cu = ref.hf_cu_seqlens(np.array(grid), CFG)
     np.testing.assert_array_equal(cu, get_vision_cu_seqlens(g).numpy())
 
     # The layout encodes exactly these windows/segments/positions.
@@ -107,18 +108,18 @@ def test_window_index_and_seqlens_match_transformers(grid):
 
 def test_window_index_reference_examples():
     """The measured examples of reference §3.4."""
-    index, cu_win = vision.hf_window_index(np.array([[1, 8, 12]]), CFG)
+    index, cu_win = ref.hf_window_index(np.array([[1, 8, 12]]), CFG)
     assert index.tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 12, 13, 14, 15, 18, 19, 20, 21, 4, 5, 10, 11, 16, 17, 22, 23]
     assert cu_win.tolist() == [0, 64, 96]
-    assert vision.hf_cu_seqlens(np.array([[1, 8, 12]]), CFG).tolist() == [0, 96]
-    index, cu_win = vision.hf_window_index(np.array([[1, 10, 10]]), CFG)
+    assert ref.hf_cu_seqlens(np.array([[1, 8, 12]]), CFG).tolist() == [0, 96]
+    index, cu_win = ref.hf_window_index(np.array([[1, 10, 10]]), CFG)
     assert index.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13, 15, 16, 17, 18, 4, 9, 14, 19, 20, 21, 22, 23,
                               24]
     assert cu_win.tolist() == [0, 64, 80, 96, 100]
-    index, cu_win = vision.hf_window_index(np.array([[1, 8, 12], [1, 4, 4]]), CFG)
+    index, cu_win = ref.hf_window_index(np.array([[1, 8, 12], [1, 4, 4]]), CFG)
     assert index[24:].tolist() == [24, 25, 26, 27]
     assert cu_win.tolist() == [0, 64, 96, 112]
-    assert vision.hf_cu_seqlens(np.array([[1, 8, 12], [1, 4, 4]]), CFG).tolist() == [0, 96, 112]
+    assert ref.hf_cu_seqlens(np.array([[1, 8, 12], [1, 4, 4]]), CFG).tolist() == [0, 96, 112]
 
 
 def test_padded_layout_shapes_and_padding():
@@ -238,7 +239,7 @@ def test_jit_compiles_once_per_buffer_size(params):
 
 def test_params_from_hf_rejects_missing_tower():
     with pytest.raises(ValueError, match="no tensor named visual"):
-        vision.params_from_hf({"model.norm.weight": np.ones(3)})
+        ref.vision_params_from_hf({"model.norm.weight": np.ones(3)})
 
 
 # ---------------------------------------------------------------------------------------------- hf_tree

@@ -70,7 +70,9 @@ class DataSection:
     resolution bounds of image rows (`xr_jax.data.images`; default the checkpoints' preprocessor_config.json,
     3136 / 12845056; the paper's data is text only). overflow (SFT): a sample longer than `train.seq_len` is cut ("truncate", the paper's), skipped ("drop") or continued in the next row ("chunk",
     llama-recipes' concatenate-and-chunk); the counts are logged and in `<logging.dir>/data_summary.json`.
-    cache_dir: where the counted first pass of `train.epochs` is cached (None: `<logging.dir>/data_cache`)."""
+    cache_dir: where the counted first pass of `train.epochs` is cached (None: `<logging.dir>/data_cache`).
+    split: a hub id's split; in a local directory, the files whose names carry it (e.g. MedQA's train.jsonl
+    beside dev/test), or every file when none does."""
 
     source: str = "random"
     path: Optional[str] = None
@@ -190,7 +192,7 @@ class RewardTerm:
 class GRPOSection:
     """Stage 2 (GRPO with verifiable rewards). `train.batch_size` is the number of PROMPTS per rollout step
     (paper: 128); each gets `group_size` samples (paper: 8). Defaults are the paper's where it gives them
-    (reference/x_reasoner_recipe.md §4) and the project's documented choices elsewhere.
+    and the project's documented choices elsewhere (docs/recipe.md).
 
     The prompts come from `data.source` / `data.path` (e.g. "orz_math", or "synthetic").
     max_prompt_len / max_new_tokens: prompt budget (longer prompts are dropped and counted) and response

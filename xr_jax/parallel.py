@@ -156,10 +156,9 @@ def path_shardings(cfg, mesh: Mesh, rules=None):
     return fn
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedSharding:
-    spec = [None] * ndim
-    spec[batch_axis] = ("data", "fsdp")
-    return NamedSharding(mesh, P(*spec))
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows (axis 0) over ('data', 'fsdp'), the other `ndim - 1` axes whole."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *[None] * (ndim - 1)))
 
 
 def axis_rules(rules=None):

@@ -391,10 +391,6 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def latest_step(self) -> Optional[int]:
-        steps = self.steps()
-        return steps[-1] if steps else None
-
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 

@@ -2,15 +2,14 @@
 
 XLA:CPU mallocs the temporaries of every run of a compiled step and frees them afterwards. By default JAX
 runs them on its own dispatch thread, whose glibc arena is a set of 64 MiB heaps: larger blocks get fresh
-`mmap`s, and every free unmaps them again, so each step page-faults its whole working set back in. Measured
-on the SFT step of the `small` preset (4 x 256 tokens, fp32, 2-core AMD EPYC): 51,000 minor page faults and
-0.13 s of kernel time per 0.35 s step.
+`mmap`s, and every free unmaps them again, so each step page-faults its whole working set back in (figures
+in docs/benchmarks.md).
 
 `reuse_freed_memory` makes single-device CPU computations run on the calling thread
 (`jax_cpu_enable_async_dispatch=False`), whose main arena grows by `brk`, and tells glibc (`mallopt`) never
 to use `mmap` for large blocks nor to trim the heap top. Freed blocks then stay in the process for the next
-step; the resident size stays at a step's peak, which training reaches anyway. Same step: no page faults,
-0.27-0.28 s. Python code between steps no longer overlaps a running step; a toy step of 12 ms is unchanged.
+step; the resident size stays at a step's peak, which training reaches anyway. Python code between steps
+no longer overlaps a running step.
 Computations over several CPU devices keep their own threads and glibc's behaviour.
 
 The dispatch setting is read when JAX starts its backend, so this must run before; it is only applied when

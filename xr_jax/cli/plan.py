@@ -282,7 +282,7 @@ def measure(config, layout: Layout, stage: str = "sft", compile: bool = True) ->
     if stage == "grpo":
         g = config.grpo
         r = g.max_new_tokens
-        shapes = {"input_ids": (n, t), "segment_ids": (n, t), "positions": (3, n, t), "targets": (n, r),
+        shapes = {"input_ids": (n, t), "segment_ids": (n, t), "positions": (n, 3, t), "targets": (n, r),
                   "loss_mask": (n, r), "old_logp": (n, r), "ref_logp": (n, r), "adv": (n,), "num_seqs": (n,)}
         specs = grpo.row_shardings(mesh)
         step_fn = grpo.make_update_step(cfg, tx, schedule, grpo.loss_config(g), temperature=g.temperature,

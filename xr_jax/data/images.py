@@ -2,8 +2,8 @@
 
 image -> RGB -> `smart_resize` size -> PIL bicubic resize -> x/255 -> CLIP normalise (float32) -> patchify
 -> `pixel_values` [t*h*w, 3*2*14*14] rows in merge-block order + `image_grid_thw` (t, h, w).
-Rows are merge-block-major (reference qwen2_5_vl.md §3.1, §5.3): the (h/2)x(w/2) blocks row-major, and the
-2x2 patches of a block row-major, so 4 consecutive rows form one merged token; a still image is repeated
+Rows are merge-block-major, as transformers' processor emits them and the patch merger expects: the (h/2)x(w/2)
+blocks row-major, and the 2x2 patches of a block row-major, so 4 consecutive rows form one merged token; a still image is repeated
 along time (T=2). tests/test_data_images.py checks values and grids against transformers.
 """
 
@@ -32,7 +32,7 @@ class ImageError(UserError, ValueError):
 # The resolution bounds (pixels of the resized image). [xr_jax default] the released Qwen2.5-VL checkpoints'
 # `preprocessor_config.json` (not the processor class defaults, 3136 / 1003520): what transformers and vLLM use
 # when nothing is set. The paper does not state its resolution. The X-Reasoner-7B model card's example sets
-# min = max = 262144 (512x512; reference qwen2_5_vl.md §5.1). Configurable: `eval.min_pixels` / `max_pixels`
+# min = max = 262144 (512x512). Configurable: `eval.min_pixels` / `max_pixels`
 # and `data.min_pixels` / `max_pixels`.
 DEFAULT_MIN_PIXELS = 4 * 28 * 28  # 3136
 DEFAULT_MAX_PIXELS = 16384 * 28 * 28  # 12845056

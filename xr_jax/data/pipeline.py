@@ -21,8 +21,8 @@ SFT batch (`sft_pipeline`), numpy, B = per-host batch (global batch / process_co
 An example longer than max_len + 1 tokens is truncated to them (`overflow="truncate"`, counted, with whether it
 lost its `</think>` / `</answer>`), skipped (`"drop"`), or continued in the next row (`"chunk"`: the examples are
 concatenated and cut into full rows, each piece its own segment).
-Attention must stay inside a segment: `attention_mask(segment_ids)` is the reference mask (causal,
-same segment, not padding). Packing (first-fit, never splitting an example) is for text; rows with images use
+Attention must stay inside a segment (causal, same segment, not padding: the model masks by segment_ids).
+Packing (first-fit, never splitting an example) is for text; rows with images use
 `pack=False` (one example per row, right-padded) and the batch also carries `pixel_values` float32
 [sum of patches, 1176] and `image_grid_thw` int32 [n_images, 3], concatenated in row order (the order the
 model scatters image features into `<|image_pad|>` tokens; text rows of a source that mixes text and images add
@@ -33,9 +33,6 @@ RL batch (`rl_pipeline`): `prompt_ids` int32 [B, P] LEFT-padded to P = max_promp
 `prompt_mask` bool [B, P], `prompt_lengths` int32 [B], lists `ids`, `answers`, `questions`, `choices`, and
 `pixel_values` / `image_grid_thw` when the source has images. A prompt longer than P is dropped and counted
 (`prompt_too_long`), never truncated (truncation could cut an image's pad run).
-
-Eval batch (`eval_pipeline`): as RL plus `valid` bool [B] and `meta` (list of dicts); one pass, in order;
-the last batch is filled with copies of its last row marked `valid=False` (static shapes).
 """
 
 from __future__ import annotations
@@ -504,15 +501,6 @@ def sft_pipeline(
     return Pipeline(make, config.num_epochs, config.epoch_batches, "sft")
 
 
-def attention_mask(segment_ids: np.ndarray) -> np.ndarray:
-    """Reference mask [B, L, L]: query i sees key j iff j <= i, same segment, and not padding."""
-    seg = np.asarray(segment_ids)
-    n = seg.shape[-1]
-    causal = np.tril(np.ones((n, n), bool))
-    same = seg[..., :, None] == seg[..., None, :]
-    return causal & same & (seg[..., :, None] > 0)
-
-
 # -- RL and evaluation prompts -----------------------------------------------------------------------------
 
 
@@ -602,25 +590,6 @@ def rl_pipeline(
     make = _rl_epochs(len(source), _reader(source, lambda ex: encode_prompt(ex, tokenizer, config)), config,
                       _prompt_batch_fn(config.max_prompt_len, tokenizer.special.pad), process_index, process_count)
     return Pipeline(make, config.num_epochs, config.epoch_batches, "rl")
-
-
-def eval_pipeline(
-    source: Source, tokenizer, config: PromptBatchConfig, *,
-    process_index: Optional[int] = None, process_count: Optional[int] = None,
-) -> Pipeline:
-    """Every example once, in order, with metadata; this host's rows only (hosts may end one batch apart:
-    the evaluation runner must tolerate that, e.g. by gathering `valid` rows only)."""
-    process_index, process_count = _process(process_index, process_count)
-    local_batch = _local_batch_size(config.batch_size, process_count)
-    rows = _indices(len(source), process_index, process_count, trim=False).map(
-        _reader(source, lambda ex: encode_prompt(ex, tokenizer, config)))
-    batch_fn = _prompt_batch_fn(config.max_prompt_len, tokenizer.special.pad, batch_size=local_batch)
-
-    def make(epoch: int, stats: RowStats) -> grain.IterDataset:
-        skip = _SkipBadRows(rows.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads)), "eval", stats)
-        return skip.batch(local_batch, drop_remainder=False, batch_fn=batch_fn)
-
-    return Pipeline(make, 1, None, "eval")
 
 
 # -- exact epochs: one counted pass ------------------------------------------------------------------------

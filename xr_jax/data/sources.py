@@ -1,9 +1,7 @@
 """Readers: one normalised `Example` per row of OpenThoughts, Orz-math, ORZ-eval, GSM8K, MedQA (and the synthetic task).
 
-Rows are read through `datasets` (random access, memory-mapped Arrow) from local json/jsonl/parquet/arrow files
-or directories, or from a hub id when online. `datasets` >= 4 never runs dataset scripts, so no remote code can
-run (the old `trust_remote_code` switch is gone). JSON and JSON-lines files are read tolerantly: each row is
-kept as raw bytes and parsed on access, so one bad line (invalid JSON, non-UTF-8, a field of the wrong type)
+Rows come from `files.read_rows` (local json/jsonl/parquet/arrow/csv files or directories, or a hub id when
+online). A JSON row is parsed on access, so one bad line (invalid JSON, non-UTF-8, a field of the wrong type)
 becomes one counted skip in the pipeline instead of a failed load. A source whose schema does not match at all
 fails in `load_source` with the expected and found fields named.
 
@@ -15,26 +13,16 @@ counts it (pipeline.py). Ids are stable: `"{source}:{row index}"` in the file's 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 from xr_jax.data import templates
+from xr_jax.data.files import BadRow, read_rows
 from xr_jax.errors import UserError
 
 SCHEMA_SAMPLE_ROWS = 32  # rows inspected at start to decide whether a raw-JSON source has the right schema
-
-
-class BadRow(ValueError):
-    """A malformed row; `reason` is the counter key (e.g. 'missing_field', 'empty_answer')."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 class SchemaError(UserError, ValueError):
@@ -97,7 +85,7 @@ class Format:
     alternatives: tuple[tuple[str, ...], ...] = ()  # other accepted column sets (e.g. datasets' "0"/"1")
 
 
-# OpenThoughts markers -> X-Reasoner tags ([xr_jax default], reference x_reasoner_recipe.md §3.2).
+# OpenThoughts markers -> X-Reasoner tags ([xr_jax default]: the paper trains on the tagged form).
 OPENTHOUGHTS_MARKERS: dict[str, str] = {
     "<|begin_of_thought|>": "<think>",
     "<|end_of_thought|>": "</think>",
@@ -261,71 +249,6 @@ FORMATS: dict[str, Callable[..., Format]] = {
 }
 
 
-# -- reading rows -------------------------------------------------------------------------------------------
-
-RAW = "_raw_json"  # the column of a tolerantly read JSON/JSONL file: one row's UTF-8 JSON bytes
-
-
-def _local_files(path: str) -> list[str]:
-    if os.path.isdir(path):
-        files = sorted(
-            f for ext in ("jsonl", "json", "parquet", "arrow") for f in glob.glob(os.path.join(path, f"**/*.{ext}"), recursive=True)
-        )
-        if not files:
-            raise FileNotFoundError(f"{path}: no .jsonl/.json/.parquet/.arrow files in this directory")
-        exts = {os.path.splitext(f)[1] for f in files}
-        if len(exts) > 1:
-            raise ValueError(f"{path}: mixed file types {sorted(exts)}; point at one kind")
-        return files
-    return [path]
-
-
-def _raw_json_rows(files: Sequence[str]) -> list[bytes]:
-    """Each row's JSON bytes, undecoded: bad bytes or bad JSON fail one row later, not the load."""
-    rows: list[bytes] = []
-    for file in files:
-        with open(file, "rb") as f:
-            data = f.read()
-        if file.endswith(".jsonl") or not data.lstrip().startswith(b"["):
-            rows.extend(line for line in data.splitlines() if line.strip())
-            continue
-        try:  # one JSON array; surrogateescape keeps invalid bytes so that only their row fails
-            items = json.loads(data.decode("utf-8", errors="surrogateescape"))
-        except json.JSONDecodeError as e:
-            raise SchemaError(f"{file}: not a JSON array nor JSON lines ({e})") from e
-        rows.extend(json.dumps(item, ensure_ascii=False).encode("utf-8", errors="surrogateescape") for item in items)
-    return rows
-
-
-def parse_raw_row(raw: bytes) -> Any:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadRow("non_utf8", f"invalid UTF-8 at byte {e.start}") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadRow("bad_json", str(e)) from e
-
-
-def read_rows(path_or_id: str, split: str = "train", cache_dir: Optional[str] = None):
-    """A random-access `datasets.Dataset` of the rows (raw-JSON column `_raw_json` for json/jsonl files)."""
-    import datasets
-
-    if os.path.exists(path_or_id):
-        files = _local_files(path_or_id)
-        ext = os.path.splitext(files[0])[1]
-        if ext in (".json", ".jsonl"):
-            return datasets.Dataset.from_dict({RAW: _raw_json_rows(files)})
-        builder = {".parquet": "parquet", ".arrow": "arrow"}.get(ext)
-        if builder is None:
-            raise ValueError(f"{path_or_id}: unsupported file type {ext!r} (use json, jsonl, parquet or arrow)")
-        return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
-    if path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/")):
-        return datasets.load_dataset(path_or_id, split=split, cache_dir=cache_dir)  # hub id (needs network)
-    raise FileNotFoundError(f"{path_or_id}: no such file or directory (and not a hub id 'owner/name')")
-
-
 # -- a source ------------------------------------------------------------------------------------------------
 
 
@@ -340,7 +263,6 @@ class Source:
         self.rows = rows
         self.format = fmt
         self.has_images = has_images
-        self._raw = RAW in getattr(rows, "column_names", ())
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -349,16 +271,14 @@ class Source:
         return f"{self.name}:{index}"
 
     def __getitem__(self, index: int) -> Example:
-        row = self.rows[index]
-        if self._raw:
-            row = parse_raw_row(row[RAW])
-        return self.format.to_example(row, self.row_id(index))
+        return self.format.to_example(self.rows[index], self.row_id(index))
 
     def check_schema(self) -> None:
         """Fail now, naming expected and found fields, when no sampled row has the format's fields."""
         column_sets = [self.format.required, *self.format.alternatives]
-        if not self._raw:
-            found = set(self.rows.column_names)
+        columns = self.rows.columns
+        if columns is not None:
+            found = set(columns)
             if not any(set(cols) <= found for cols in column_sets):
                 raise SchemaError(
                     f"source {self.name!r} does not look like {self.format.name}: expected fields "
@@ -369,7 +289,7 @@ class Source:
         n = min(len(self), SCHEMA_SAMPLE_ROWS)
         for i in range(n):
             try:
-                row = parse_raw_row(self.rows[i][RAW])
+                row = self.rows[i]
             except BadRow:
                 continue
             if isinstance(row, list):  # the ORZ pair form maps onto the "0"/"1" columns
@@ -396,6 +316,6 @@ def load_source(
     fmt = FORMATS[format](**format_options)
     if name is None:
         name = os.path.splitext(os.path.basename(path_or_id.rstrip("/")))[0] if os.path.exists(path_or_id) else path_or_id
-    source = Source(name, read_rows(path_or_id, split=split, cache_dir=cache_dir), fmt)
+    source = Source(name, read_rows(path_or_id, split, cache_dir=cache_dir), fmt)
     source.check_schema()
     return source

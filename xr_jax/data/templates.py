@@ -3,7 +3,7 @@
 `render_chat` is a plain-Python rendering of `QWEN2_5_VL_CHAT_TEMPLATE` (the Jinja template shipped with the
 Qwen2.5-VL-Instruct checkpoints); tests/test_data_templates.py checks it against transformers'
 `apply_chat_template` with that Jinja text. Prompt templates are named and configurable: `PROMPT_TEMPLATES`
-holds the paper's three (App. C; reference x_reasoner_recipe.md §6) and `register_prompt_template` adds more.
+holds the paper's three (App. C) and `register_prompt_template` adds more.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def get_prompt_template(name_or_template: "str | PromptTemplate") -> PromptTempl
     return PROMPT_TEMPLATES[name_or_template]
 
 
-# The paper's templates (App. C), `\n` read as a newline and ASCII quotes (reference §6).
+# The paper's templates (App. C), `\n` read as a newline and ASCII quotes.
 X_REASONER_TRAIN = register_prompt_template(PromptTemplate(
     name="x_reasoner_train",
     text=(

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from xr_jax.data import templates
 
-# The Qwen2.5 added tokens, in id order from 151643 (reference qwen2_5_vl.md §12.1).
+# The Qwen2.5 added tokens, in id order from 151643 (the checkpoints' tokenizer.json `added_tokens`).
 QWEN2_5_ADDED_TOKENS: tuple[str, ...] = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",

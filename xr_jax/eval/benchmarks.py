@@ -3,8 +3,8 @@
 Each `Benchmark` knows where its data lives (a hub id, config(s) and split), how to turn one row of its
 public format into a `BenchmarkItem` (question, gold answer(s), option letters, decoded images), which
 prompt template it uses, and an optional subset filter (the paper's "-Health" subsets). Rows are read
-through `datasets` (parquet / arrow / csv, and hub ids when online); JSON and JSON-lines files are parsed
-directly, because several benchmarks ship JSON files whose rows do not share one schema (OmniMedVQA).
+by `data.files.read_rows` (JSON, JSON lines, parquet, arrow, csv, and hub ids when online); JSON rows are parsed
+one by one, because several benchmarks ship JSON files whose rows do not share one schema (OmniMedVQA).
 
 A row that does not fit its format raises `BenchmarkFormatError` naming the benchmark, the row and the
 field: a silently skipped row would change the denominator of a published number.
@@ -33,18 +33,16 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import glob
-import json
 import os
 import random
 import re
 from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence
 
+from xr_jax.data import files
 from xr_jax.errors import UserError
 
 Kind = Literal["multiple_choice", "math"]
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-DATA_EXTENSIONS = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".tsv")
 
 
 class BenchmarkFormatError(UserError, ValueError):
@@ -504,78 +502,23 @@ for _b in (
 # ----------------------------------------------------------------------------- reading
 
 
-def _split_matches(path: str, split: str) -> bool:
-    return re.search(rf"(^|[-_./]){re.escape(split)}([-_.]|$)", os.path.basename(path)) is not None
-
-
-def _local_files(path: str, split: str, configs: Sequence[str]) -> list[str]:
-    if os.path.isfile(path):
-        return [path]
-    files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                   if f.endswith(DATA_EXTENSIONS) and os.path.isfile(f))
-    if not files:
-        raise FileNotFoundError(f"{path}: no {'/'.join(DATA_EXTENSIONS)} files in this directory")
-    # A local snapshot of a hub repository: keep the chosen configs' sub-directories, then the split's files.
-    in_configs = [f for f in files if set(os.path.relpath(f, path).split(os.sep)[:-1]) & set(configs)]
-    files = in_configs or files
-    of_split = [f for f in files if _split_matches(f, split)]
-    files = of_split or files
-    exts = {os.path.splitext(f)[1] for f in files}
-    if len(exts) > 1:
-        raise ValueError(f"{path}: mixed file types {sorted(exts)}; point at one file or one kind of file")
-    return files
-
-
-def _json_rows(file: str) -> list[tuple[str, dict]]:
-    """(where, row) of a JSON lines file (where: file:line) or of a JSON array (where: file, item i)."""
-    with open(file, encoding="utf-8") as f:
-        text = f.read()
-    if file.endswith(".jsonl") or not text.lstrip().startswith("["):
-        rows = [(f"{file}:{n}", _json_line(file, n, line)) for n, line in enumerate(text.splitlines(), 1)
-                if line.strip()]
-    else:
-        try:
-            rows = [(f"{file}, item {i}", r) for i, r in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise BenchmarkFormatError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
-    for where, r in rows:
-        if not isinstance(r, dict):
-            raise BenchmarkFormatError(f"{where}: expected a JSON object, got {type(r).__name__}")
-    return rows
-
-
-def _json_line(file: str, line_no: int, line: str):
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BenchmarkFormatError(f"{file}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-
-
 def read_rows(path_or_id: str, split: str, configs: Sequence[str] = ()) -> Iterator[tuple[str, dict]]:
-    """(where, row) of a local file/directory or a hub id; where names the file and line or row (for
-    messages), each row has `_base_dir` (for relative image paths)."""
-    import datasets
-
-    if os.path.exists(path_or_id):
-        files = _local_files(path_or_id, split, configs)
-        for file in files:
-            base = os.path.dirname(os.path.abspath(file))
-            ext = os.path.splitext(file)[1]
-            if ext in (".json", ".jsonl"):
-                rows: Any = _json_rows(file)
-            else:
-                builder = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "csv"}[ext]
-                kwargs = {"sep": "\t"} if ext == ".tsv" else {}
-                table = datasets.load_dataset(builder, data_files=file, split="train", **kwargs)
-                rows = ((f"{file}, row {i}", row) for i, row in enumerate(table))
-            for where, row in rows:
-                yield where, {**row, "_base_dir": base}
-        return
-    if path_or_id.count("/") != 1 or path_or_id.startswith((".", "/")):
-        raise FileNotFoundError(f"{path_or_id}: no such file or directory (and not a hub id 'owner/name')")
-    for config in configs or (None,):
-        for i, row in enumerate(datasets.load_dataset(path_or_id, config, split=split)):
-            yield f"{path_or_id}{f' ({config})' if config else ''} {split} row {i}", {**row, "_base_dir": None}
+    """(where, row) of a local file/directory or a hub id (`files.read_rows`); where names the file and line or
+    row (for messages), each row has `_base_dir` (for relative image paths). A malformed row is refused: a
+    silently skipped one would change the denominator of a published number."""
+    try:
+        rows = files.read_rows(path_or_id, split, configs)
+    except files.BadFile as e:
+        raise BenchmarkFormatError(str(e)) from None
+    for i in range(len(rows)):
+        where = rows.where(i)
+        try:
+            row = rows[i]
+        except files.BadRow as e:
+            raise BenchmarkFormatError(f"{where}: {e.detail}") from None
+        if not isinstance(row, dict):
+            raise BenchmarkFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, {**row, "_base_dir": rows.base_dir(i)}
 
 
 def load_benchmark(

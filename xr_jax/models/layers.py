@@ -1,6 +1,6 @@
 """Building blocks shared by the text decoder and the vision tower.
 
-Casts follow transformers exactly where parity depends on them (see reference/qwen2_5_vl.md §6.2).
+Casts follow transformers exactly where parity depends on them (the parity tests compare logits with it).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ _matmul_cpu.defvjp(_matmul_fwd, _matmul_bwd)
 
 def matmul(x, w):
     """x [..., K] @ w [K, N]. On CPU the backward computes the weight gradient as (x^T) @ g with x^T
-    materialised: XLA:CPU otherwise runs these dots 2-3x slower (measured: the SFT step of the `small`
-    preset 1.17 s -> 0.81 s on one core). Elsewhere plain autodiff (GPU/TPU gemms take transposes for free)."""
+    materialised: XLA:CPU otherwise transposes the large output gradient and runs a non-canonical dot
+    (figures in docs/benchmarks.md). Elsewhere plain autodiff (GPU/TPU gemms take transposes for free)."""
     if jax.default_backend() == "cpu":
         return _matmul_cpu(x, w)
     return jnp.dot(x, w)

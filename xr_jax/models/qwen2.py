@@ -23,20 +23,21 @@ Cache = dict[str, Any]
 
 
 def text_rotary(positions, cfg: TextConfig, dtype):
-    """cos/sin [B, T, head_dim] for positions [3, B, T] (M-RoPE) — cast to the compute dtype as transformers does.
+    """cos/sin [B, T, head_dim] for positions [B, 3, T] (M-RoPE) — cast to the compute dtype as transformers does.
 
     Frequency chunk i of `mrope_section` takes its angle from axis i % 3 (t, h, w); a text-only model
-    (`mrope_section` None) uses axis 0. inv_freq is computed in float64 and rounded once, the closest
+    (`mrope_section` None) uses axis 0. Each frequency picks its position axis before the multiply, so
+    only [B, T, hd/2] angles are computed. inv_freq is computed in float64 and rounded once, the closest
     float32 to the exact value.
     """
     hd = cfg.head_dim
     inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))).astype(np.float32)
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [3, B, T, hd/2]
     if cfg.mrope_section is None:
-        freqs = freqs[0]
+        axis_of = np.zeros(hd // 2, np.int32)
     else:
         axis_of = np.concatenate([np.full(n, i % 3) for i, n in enumerate(cfg.mrope_section)])
-        freqs = jnp.take_along_axis(freqs, jnp.asarray(axis_of)[None, None, None, :], axis=0)[0]
+    pos = jnp.swapaxes(positions, 1, 2)[..., axis_of]  # [B, T, hd/2]: the position each frequency rotates by
+    freqs = pos.astype(jnp.float32) * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
@@ -236,7 +237,7 @@ class TextModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     def __call__(self, embeds, positions, segment_ids, cache: Optional[Cache] = None):
-        """embeds [B,T,D], positions [3,B,T], segment_ids [B,T] (0 = padding) -> (hidden [B,T,D], cache)."""
+        """embeds [B,T,D], positions [B,3,T], segment_ids [B,T] (0 = padding) -> (hidden [B,T,D], cache)."""
         dtype = as_dtype(self.cfg.dtype)
         t = embeds.shape[1]
         cos, sin = text_rotary(positions, self.cfg.text, dtype)

@@ -48,14 +48,14 @@ class Qwen2_5_VL(nn.Module):
         cache: Optional[Cache] = None,
         return_hidden: bool = False,
     ):
-        """input_ids/segment_ids [B,T]; positions [3,B,T] (or [B,T] for text-only models).
+        """input_ids/segment_ids [B,T]; positions [B,3,T] (or [B,T] for text-only models).
 
         pixel_values [P, patch_dim] with its `vision_layout` fill the `<|image_pad|>` rows in batch
         order (the count must have been checked on the host: `check_image_tokens`).
         Returns (logits [B,T,V] in the compute dtype — or the final hidden states — , new cache).
         """
         if positions.ndim == 2:
-            positions = jnp.broadcast_to(positions[None], (3,) + positions.shape)
+            positions = jnp.broadcast_to(positions[:, None], (positions.shape[0], 3, positions.shape[1]))
         embeds = self.model.embed(input_ids)
         if pixel_values is not None:
             embeds = self.merge_image_features(input_ids, embeds, self.visual(pixel_values, vision_layout))
@@ -108,7 +108,7 @@ def get_rope_index(
     attention_mask: Optional[np.ndarray],
     cfg: ModelConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """M-RoPE positions [3, B, L] and rope deltas [B] (numpy; transformers 5.x rules, padding -> 0).
+    """M-RoPE positions [B, 3, L] and rope deltas [B] (numpy; transformers 5.x rules, padding -> 0).
 
     Text runs advance all three axes together; an image of grid (t, h, w) occupies (t, h/2, w/2)
     merged tokens laid out row-major, with t/h/w positions offset from the running position, and
@@ -118,7 +118,7 @@ def get_rope_index(
     input_ids = np.asarray(input_ids)
     b, length = input_ids.shape
     mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    positions = np.zeros((3, b, length), np.int64)
+    positions = np.zeros((b, 3, length), np.int64)
     deltas = np.zeros((b,), np.int64)
     merge = cfg.vision.spatial_merge_size if cfg.vision is not None else 2
     grids = iter([] if image_grid_thw is None else np.asarray(image_grid_thw).tolist())
@@ -145,14 +145,14 @@ def get_rope_index(
             if n < 0:
                 raise ValueError("an <|image_pad|> run is shorter than its image grid")
         row_pos = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), np.int64)
-        positions[:, row, mask[row]] = row_pos
+        positions[row][:, mask[row]] = row_pos
         deltas[row] = (row_pos.max() + 1 - len(ids)) if len(ids) else 0
     return positions, deltas
 
 
 def _dummy_inputs(cfg: ModelConfig):
     ids = jnp.zeros((1, 8), jnp.int32)
-    args = dict(input_ids=ids, positions=jnp.zeros((3, 1, 8), jnp.int32), segment_ids=jnp.ones((1, 8), jnp.int32))
+    args = dict(input_ids=ids, positions=jnp.zeros((1, 3, 8), jnp.int32), segment_ids=jnp.ones((1, 8), jnp.int32))
     if cfg.vision is not None:
         from xr_jax.models.vision import vision_layout
 

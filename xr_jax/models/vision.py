@@ -20,7 +20,7 @@ image per frame, padding in segment -1, which real patches never see).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xr_jax.models import hf_tree, naming
 from xr_jax.models.config import VisionConfig
 from xr_jax.models.layers import MLP, RMSNorm, remat_policy
 
@@ -75,21 +74,6 @@ def _windows(grid: np.ndarray, cfg: VisionConfig) -> list[np.ndarray]:
         windows.extend(row[row >= 0] for row in index if (row >= 0).any())
         offset += t * gh * gw
     return windows
-
-
-def hf_window_index(grid_thw: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
-    """transformers' `(window_index, cu_window_seqlens)`: the merged-token permutation into window
-    order and the cumulative window lengths in patches (int32, starting at 0)."""
-    windows = _windows(_check_grid(grid_thw, cfg), cfg)
-    lengths = np.array([len(w) for w in windows]) * cfg.merge_unit
-    return np.concatenate(windows), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-
-
-def hf_cu_seqlens(grid_thw: np.ndarray, cfg: VisionConfig) -> np.ndarray:
-    """transformers' full-attention `cu_seqlens`: one segment of h*w patches per image per frame."""
-    grid = _check_grid(grid_thw, cfg)
-    lengths = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
-    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
 
 
 def window_count(grid_thw: np.ndarray, cfg: VisionConfig) -> int:
@@ -351,17 +335,3 @@ class VisionTower(nn.Module):
         )
         x, _ = blocks(cfg, self.dtype, self.param_dtype, name="blocks")(x, is_full, cos, sin, layout)
         return PatchMerger(cfg, self.dtype, self.param_dtype, name="merger")(x)
-
-
-def params_from_hf(tensors: Mapping[str, np.ndarray], prefix: str = "visual.") -> dict:
-    """The tower's param tree from HF tensors named `{prefix}...` (either naming scheme).
-
-    Other tensors (e.g. the language model's) are ignored, so a whole state dict can be passed.
-    """
-    picked = {n: w for n, w in tensors.items() if naming.canonical_hf_name(n).startswith(prefix)}
-    if not picked:
-        raise ValueError(f"no tensor named {prefix}* (or model.{prefix}*) among {len(tensors)} tensors")
-    tree = hf_tree.tree_from_hf(picked)
-    for key in prefix.rstrip(".").split("."):
-        tree = tree[key]
-    return tree

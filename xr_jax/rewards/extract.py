@@ -1,7 +1,7 @@
 """Answer extraction and string normalisation: plain string work, safe and linear-time on any input.
 
 Extraction rule (shared by rewards and evaluation), by mode:
-- "strict" (the default; the X-Reasoner templates ask for `<answer> </answer>` tags, reference recipe §4.3):
+- "strict" (the default; the X-Reasoner templates ask for `<answer> </answer>` tags):
   the last `<answer>…</answer>` span; inside it, the content of the last `\\boxed{…}` if there is one.
   No closed span gives no answer, so unfinished thinking (a truncated response, or an unclosed
   `<answer>5`) scores 0 even when it contains a `\\boxed{…}`: RL then rewards finishing the answer.

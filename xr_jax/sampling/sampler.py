@@ -134,7 +134,7 @@ class PromptBatch:
 
     input_ids: np.ndarray  # [B, L] int32
     segment_ids: np.ndarray  # [B, L] int32, 0 = padding
-    positions: np.ndarray  # [3, B, L] int32 M-RoPE positions
+    positions: np.ndarray  # [B, 3, L] int32 M-RoPE positions
     next_position: np.ndarray  # [B] int32: position of generated token 0 = prompt_len + rope_delta
     prompt_lengths: np.ndarray  # [B] int32
     pixel_values: Optional[np.ndarray] = None  # [P, patch_dim] float32, padded to a patch bucket
@@ -396,7 +396,7 @@ def _decode(params, prompt_cache, logits, next_position, row_keys, knobs: Decode
 
     def body(carry):
         t, cache, state = carry
-        pos = jnp.broadcast_to((next_position + t - 1)[None, :, None], (3, n, 1))
+        pos = jnp.broadcast_to((next_position + t - 1)[:, None, None], (n, 3, 1))
         step_logits, cache = net.apply(
             {"params": params}, state.last[:, None], pos, jnp.ones((n, 1), jnp.int32), cache=cache
         )
@@ -513,10 +513,10 @@ class Sampler:
     def _context(self):
         return parallel.use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-    def _put(self, x, batch_axis: int = 0):
+    def _put(self, x):
         if self.mesh is None:
             return jnp.asarray(x)
-        return jax.make_array_from_process_local_data(parallel.batch_sharding(self.mesh, np.ndim(x), batch_axis), x)
+        return jax.make_array_from_process_local_data(parallel.batch_sharding(self.mesh, np.ndim(x)), x)
 
     def _put_keys(self, keys):
         if self.mesh is None:
@@ -529,6 +529,6 @@ class Sampler:
                              "batch-sharded); sample them on one process")
         pixels = None if batch.pixel_values is None else jnp.asarray(batch.pixel_values)
         return (
-            self._put(batch.input_ids), self._put(batch.positions, batch_axis=1), self._put(batch.segment_ids),
+            self._put(batch.input_ids), self._put(batch.positions), self._put(batch.segment_ids),
             pixels, batch.vision_layout,
         )

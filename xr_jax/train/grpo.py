@@ -110,9 +110,9 @@ def make_update_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, s
 
 
 def row_shardings(mesh: Mesh) -> dict:
-    """Shardings of the update rows: rows over ('data', 'fsdp'); positions [3, N, T] on their axis 1."""
+    """Shardings of the update rows: rows over ('data', 'fsdp')."""
     specs = {k: parallel.batch_sharding(mesh, 2) for k in UPDATE_KEYS}
-    specs["positions"] = parallel.batch_sharding(mesh, 3, batch_axis=1)
+    specs["positions"] = parallel.batch_sharding(mesh, 3)
     specs["adv"] = specs["num_seqs"] = parallel.batch_sharding(mesh, 1)
     return specs
 
@@ -138,12 +138,12 @@ class Rollout:
 def build_rows(batch, out, adv: np.ndarray, group: int, mask_forced: bool) -> dict:
     """Prompt (left-padded, as the sampler laid it out) + response rows for the update, numpy."""
     n, t = out.tokens.shape
-    rep = lambda x, axis=0: np.repeat(x, group, axis=axis)  # noqa: E731
+    rep = lambda x: np.repeat(x, group, axis=0)  # noqa: E731
     ids = np.concatenate([rep(batch.input_ids), out.tokens], axis=1).astype(np.int32)
     mask = out.mask
     seg = np.concatenate([rep(batch.segment_ids), mask.astype(np.int32)], axis=1)
-    resp_pos = rep(batch.next_position)[:, None] + np.arange(t)[None]
-    positions = np.concatenate([rep(batch.positions, 1), np.broadcast_to(resp_pos, (3, n, t))], axis=2)
+    resp_pos = rep(batch.next_position)[:, None, None] + np.arange(t)  # [N, 1, T]: all three axes advance together
+    positions = np.concatenate([rep(batch.positions), np.broadcast_to(resp_pos, (n, 3, t))], axis=2)
     loss_mask = mask & ~out.forced if mask_forced else mask
     return {
         "input_ids": ids, "positions": positions.astype(np.int32), "segment_ids": seg,
@@ -235,11 +235,9 @@ class GRPOTrainer:
         pbatch = prepare_prompts(prompts, self.model_cfg, self.scfg)
         rows = build_rows(pbatch, out, np.asarray(adv), g.group_size, g.mask_forced)
         # Each process sampled and scored its own prompts (whole groups); the update sees the global batch.
-        rows["positions"] = np.moveaxis(rows["positions"], 1, 0)  # rows first for the gather
         g_all = parallel.all_rows({**rows, **components, "rewards": rewards, "lengths": out.lengths,
                                    "finish": out.finish_reason, "forced": out.forced.any(axis=1)}, self.mesh)
         rows = {k: g_all[k] for k in rows}
-        rows["positions"] = np.moveaxis(rows["positions"], 0, 1)
         counts = parallel.each_process(np.array([int(np.asarray(zero_var).sum()), timeouts, errors]))
         return Rollout(rows, g_all["rewards"], {k: g_all[k] for k in components}, int(counts[:, 0].sum()),
                        g_all["lengths"], [FINISH_NAMES[int(r)] for r in g_all["finish"]], g_all["forced"],
@@ -274,7 +272,7 @@ class GRPOTrainer:
         for _ in range(g.update_passes):
             for mb in range(g.minibatches):
                 sel = order[mb * per:(mb + 1) * per]
-                mb_rows = {k: v[sel] if k != "positions" else v[:, sel] for k, v in rows.items()}
+                mb_rows = {k: v[sel] for k, v in rows.items()}
                 mb_rows["num_seqs"] = np.full((per,), max(1, int((mb_rows["loss_mask"].sum(1) > 0).sum())), np.float32)
                 state, m = self.update(state, put(mb_rows))
                 step_metrics.append(jax.device_get(m))
@@ -313,7 +311,8 @@ class GRPOTrainer:
         return out
 
     def _sampler_mismatch(self, params, rows, put) -> float:
-        """Mean |logp_sampler - logp_train| over loss tokens (the §1.9 gap; 0 up to fp error here)."""
+        """Mean |logp_sampler - logp_train| over loss tokens: a sampler/trainer mismatch biases the importance
+        ratios away from 1 (0 up to fp error here)."""
         return self._gap(parallel.host_array(self.logprobs(params, put(self._with_placeholders(rows)))), rows)
 
     @staticmethod

@@ -110,14 +110,6 @@ def target_logprobs_and_lse(
     return tuple(_from_chunks(x, t) for x in out)
 
 
-def token_logprobs(
-    hidden: jax.Array, targets: jax.Array, head_fn: HeadFn, temperature: float = 1.0, chunk: int = 1024,
-) -> jax.Array:
-    """Per-token log-probabilities [B, T] (fp32) of `targets` under softmax(logits / temperature) — what
-    the policy-gradient loss needs at the sampling temperature."""
-    return target_logprobs_and_lse(hidden, targets, head_fn, temperature, chunk)[0]
-
-
 def fused_cross_entropy(
     hidden: jax.Array, weight: jax.Array, targets: jax.Array, ce_weights: jax.Array, z_weights: jax.Array,
     chunk: int = 1024,

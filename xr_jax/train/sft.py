@@ -56,19 +56,14 @@ def split_microbatches(batch: dict, n: int, mesh: Mesh | None = None) -> dict:
     microbatch, so every microbatch is spread over all data-parallel devices.
     """
 
-    def one(key, x):
-        axis = 1 if key == "positions" and x.ndim == 3 else 0  # M-RoPE positions [3, B, T]: rows on axis 1
-        x = jnp.moveaxis(x, axis, 0)
+    def one(x):
         b = x.shape[0]
         x = jnp.swapaxes(x.reshape((b // n, n) + x.shape[1:]), 0, 1)  # [n, B/n, ...]
-        x = jnp.moveaxis(x, 1, axis + 1)
         if mesh is not None:
-            spec = [None] * x.ndim
-            spec[axis + 1] = ("data", "fsdp")
-            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, ("data", "fsdp"))))
         return x
 
-    return {k: one(k, v) for k, v in batch.items()}
+    return {k: one(v) for k, v in batch.items()}
 
 
 def compute_grads(loss_fn, params, batch: dict, microbatches: int = 1, mesh: Mesh | None = None, grad_shardings=None):
@@ -136,8 +131,7 @@ def make_train_step(
 
 
 def jit_train_step(step_fn, mesh: Mesh, shardings: TrainState):
-    """jit with explicit shardings: state as given (donated), batch rows over ('data','fsdp') (M-RoPE positions
-    [3, B, T] on axis 1), image patches and their layout replicated, metrics replicated. One program per
+    """jit with explicit shardings: state as given (donated), batch rows over ('data','fsdp'), image patches and their layout replicated, metrics replicated. One program per
     batch structure (text rows, or rows with images)."""
     compiled = {}
 
@@ -148,8 +142,6 @@ def jit_train_step(step_fn, mesh: Mesh, shardings: TrainState):
             for k in keys:
                 if k in IMAGE_KEYS:
                     specs[k] = jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), batch[k])
-                elif k == "positions" and np.ndim(batch[k]) == 3:
-                    specs[k] = parallel.batch_sharding(mesh, 3, batch_axis=1)
                 else:
                     specs[k] = parallel.batch_sharding(mesh, np.ndim(batch[k]))
             compiled[keys] = jax.jit(step_fn, in_shardings=(shardings, specs),
@@ -170,11 +162,8 @@ def device_batch(local: dict, mesh: Mesh, model_cfg: ModelConfig) -> dict:
     if jax.process_count() > 1:
         raise NotImplementedError("SFT on image rows runs on one process (image patches are not assembled globally)")
     grid = np.asarray(local["image_grid_thw"])
-    positions = get_rope_index(rows["input_ids"], grid, rows["segment_ids"] > 0,
-                               model_cfg)[0].astype(np.int32)
-    del rows["positions"]
+    rows["positions"] = get_rope_index(rows["input_ids"], grid, rows["segment_ids"] > 0, model_cfg)[0].astype(np.int32)
     out = parallel.global_batch(rows, mesh)
-    out["positions"] = jax.device_put(positions, parallel.batch_sharding(mesh, 3, batch_axis=1))
     out["pixel_values"] = jnp.asarray(local["pixel_values"])
     out["vision_layout"] = vision_layout(grid, model_cfg.vision)
     return out

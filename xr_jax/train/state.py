@@ -167,7 +167,3 @@ def abstract_state(init_params_fn, tx: optax.GradientTransformation, shardings: 
     shapes = jax.eval_shape(lambda: _build(init_params_fn, tx, 0))
     return jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
-def param_count(params) -> int:
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
