@@ -33,16 +33,19 @@ from xr_jax.errors import UserError
 
 GIB = 2**30
 
-# Memory per device (what the runtime reports as total) and dense bf16 peak FLOP/s (datasheets).
-DEVICE_KINDS: dict[str, tuple[int, float]] = {
-    "a100-40gb": (40 * GIB, 312e12),
-    "a100-80gb": (80 * GIB, 312e12),
-    "h100-80gb": (80 * GIB, 989e12),
-    "h200-141gb": (141 * 10**9, 989e12),
-    "tpu-v4": (32 * GIB, 275e12),
-    "tpu-v5e": (16 * GIB, 197e12),
-    "tpu-v5p": (95 * GIB, 459e12),
-    "tpu-v6e": (32 * GIB, 918e12),
+# Memory per device (what the runtime reports as total) and the `device_kind` the runtime names it by: its
+# dense bf16 peak FLOP/s is `flops.datasheet_peak` of that.
+DEVICE_KINDS: dict[str, tuple[int, str]] = {
+    "a100-40gb": (40 * GIB, "NVIDIA A100-SXM4-40GB"),
+    "a100-80gb": (80 * GIB, "NVIDIA A100-SXM4-80GB"),
+    "h100-80gb": (80 * GIB, "NVIDIA H100 80GB HBM3"),
+    "h200-141gb": (141 * 10**9, "NVIDIA H200"),
+    "b200-180gb": (180 * 10**9, "NVIDIA B200"),
+    "l4-24gb": (24 * 10**9, "NVIDIA L4"),
+    "tpu-v4": (32 * GIB, "TPU v4"),
+    "tpu-v5e": (16 * GIB, "TPU v5 lite"),
+    "tpu-v5p": (95 * GIB, "TPU v5"),
+    "tpu-v6e": (32 * GIB, "TPU v6 lite"),
 }
 REMATS = ("none", "dots", "full")  # cheapest first: recompute costs time
 _WORKER_TAG = "XRPLAN "
@@ -658,7 +661,10 @@ def run(args: argparse.Namespace) -> Plan:
 
     if args.device_memory is None and args.device_kind is None:
         raise PlanError("give --device-memory (e.g. 40GB) or --device-kind (e.g. a100-40gb)")
-    memory, peak = DEVICE_KINDS.get(args.device_kind, (None, None))
+    from xr_jax.train.flops import datasheet_peak
+
+    memory, kind = DEVICE_KINDS.get(args.device_kind, (None, None))
+    peak = kind and datasheet_peak(kind)
     if args.device_memory is not None:
         memory = parse_bytes(args.device_memory)
     config = config_lib.load(args.config, args.overrides)
