@@ -208,6 +208,23 @@ def _is_matmul(ins: Instr) -> bool:
         ins.opcode == "custom-call" and re.search(r"gemm|matmul|onednn|cublas", ins.rest, re.I) is not None)
 
 
+def condition_bound(comps, loop: Instr) -> Optional[int]:
+    """N when the loop's condition is `counter < constant N` (TPU compiles carry no known_trip_count in their
+    backend config; this reads the bound from the condition instead), else None."""
+    cond = re.search(r"\bcondition=%?([\w.\-]+)", loop.rest)
+    body = comps.get(cond.group(1), []) if cond else []
+    root = next((i for i in body if i.root), None)
+    if root is None or root.opcode not in ("compare", "fusion"):
+        return None
+    compare = root if root.opcode == "compare" else next(
+        (i for c in root.called for i in comps.get(c, []) if i.root and i.opcode == "compare"), None)
+    if compare is None or "direction=LT" not in compare.rest:
+        return None
+    operands = set(re.findall(r"%([\w.\-]+)", root.rest.split(")")[0]))
+    constant = next((i for i in body if i.name in operands and i.opcode == "constant"), None)
+    return int(constant.rest.split(")")[0]) if constant and constant.rest.split(")")[0].lstrip("-").isdigit() else None
+
+
 def _matmuls(comps, names) -> int:
     return sum(_is_matmul(i) for c in _closure(comps, names) for i in comps[c])
 
@@ -251,7 +268,7 @@ def _per_token(comps, loop: Instr) -> dict[str, int]:
         for ins in comps.get(comp, []):
             if ins.opcode == "fusion":
                 continue
-            k = m * (ins.trip_count or 1) if ins.opcode == "while" else m
+            k = m * (ins.trip_count or condition_bound(comps, ins) or 1) if ins.opcode == "while" else m
             for c in ins.called:
                 visit(c, k)
 
@@ -301,9 +318,10 @@ def loop_report(hlo_text: str, layer_bytes: int) -> dict:
             if kind and ins.bytes >= layer_bytes:
                 key = (kind, ins.type.split("{")[0])
                 moves[key] = moves.get(key, 0) + m
-    nested = [i.trip_count for c in mult for i in comps[c] if i.opcode == "while"]
+    nested = [i.trip_count or condition_bound(comps, i) for c in mult for i in comps[c] if i.opcode == "while"]
     return {
         "known_trip_count": loop.trip_count,
+        "condition_bound": condition_bound(comps, loop),
         "enclosing_trip_counts": [w.trip_count for w in _enclosing_whiles(comps, entry, loop)],
         "nested_trip_counts": nested,
         "collectives_per_token": dict(sorted(collectives.items())),
@@ -342,16 +360,32 @@ def _cost(compiled) -> dict:
     return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
 
-def check_decode(shape: DecodeShape, hlo_dir: Optional[str] = None) -> dict:
-    """The decode report of `shape` (see the module docstring); `hlo_dir`: also write the loop's optimised HLO."""
+def tpu_devices(topology: str):
+    """The devices of a libtpu topology such as "v5e:2x2" (deviceless: compile for them, run nothing)."""
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+
+
+def check_decode(shape: DecodeShape, hlo_dir: Optional[str] = None, tpu: Optional[str] = None) -> dict:
+    """The decode report of `shape` (see the module docstring); `hlo_dir`: also write the loop's optimised HLO.
+    `tpu`: compile both programs for that libtpu topology's devices instead of this host's (needs libtpu)."""
     import time
+
+    import jax
+    from jax.sharding import SingleDeviceSharding
 
     from xr_jax import parallel
     from xr_jax.models.presets import preset
 
     cfg = preset(shape.preset, dtype=shape.dtype)
-    mesh = parallel.make_mesh(shape.mesh) if math.prod(shape.mesh) > 1 else None
+    devices = tpu_devices(tpu) if tpu else None
+    mesh = parallel.make_mesh(shape.mesh, devices) if tpu or math.prod(shape.mesh) > 1 else None
     (step_lower, step_args, step_kw), (loop_lower, loop_args, loop_kw) = decode_programs(cfg, shape, mesh)
+    if tpu:  # the one-device step on the topology's first chip
+        one = SingleDeviceSharding(devices[0])
+        step_args = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one)
+                                           if isinstance(x, jax.ShapeDtypeStruct) else x, step_args)
     t0 = time.perf_counter()
     step = step_lower(*step_args, **step_kw).compile()
     step_s = time.perf_counter() - t0
@@ -364,10 +398,12 @@ def check_decode(shape: DecodeShape, hlo_dir: Optional[str] = None) -> dict:
     text = loop.as_text()
     if hlo_dir:
         os.makedirs(hlo_dir, exist_ok=True)
-        with open(os.path.join(hlo_dir, f"decode_{shape.preset}_{'x'.join(map(str, shape.mesh))}.hlo.txt"), "w") as f:
+        platform = f"tpu_{tpu.replace(':', '_')}" if tpu else "host"
+        name = f"decode_{shape.preset}_{'x'.join(map(str, shape.mesh))}_{platform}.hlo.txt"
+        with open(os.path.join(hlo_dir, name), "w") as f:
             f.write(text)
     return {
-        "shape": dataclasses.asdict(shape),
+        "shape": dataclasses.asdict(shape), "platform": f"tpu {tpu}" if tpu else jax.default_backend(),
         "bytes_per_token": measured, "ideal_bytes_per_token": ideal, "ratio": measured / ideal,
         "loop": loop_report(text, layer_bytes(cfg, shape)),
         "compile_s": {"step": round(step_s, 1), "loop": round(loop_s, 1)},
@@ -403,13 +439,15 @@ def check_sft_attention(seq: int = 256) -> dict:
 def format_report(decode: dict, attention: Optional[dict] = None) -> str:
     s, loop = decode["shape"], decode["loop"]
     lines = [f"decode {s['preset']} rows {s['rows']} (group {s['group']}) prompt {s['prompt']} + {s['new']} new, "
-             f"{s['dtype']} compute, {s['sampling_dtype'] or s['dtype']} weights, mesh {s['mesh']}",
+             f"{s['dtype']} compute, {s['sampling_dtype'] or s['dtype']} weights, mesh {s['mesh']} on "
+             f"{decode['platform']}",
              f"  bytes per token  {decode['bytes_per_token'] / 1e6:.1f} MB vs ideal "
              f"{decode['ideal_bytes_per_token'] / 1e6:.1f} MB: x{decode['ratio']:.2f}"]
     if "error" in loop:
         lines.append(f"  loop             {loop['error']}")
     else:
-        lines += [f"  token loop       known trip count {loop['known_trip_count']}, enclosing "
+        lines += [f"  token loop       known trip count {loop['known_trip_count']} (condition bound "
+                  f"{loop['condition_bound']}), enclosing "
                   f"{loop['enclosing_trip_counts']}, nested {loop['nested_trip_counts']}",
                   f"  collectives      {loop['collectives_per_token'] or 'none'} per token"]
         moves = loop["layer_sized_moves_per_token"]
@@ -440,6 +478,7 @@ def main(argv=None) -> dict:
     p.add_argument("--sampling-dtype", default=None, choices=["float32", "bfloat16"],
                    help="dtype of the weights the decode reads (default: --dtype)")
     p.add_argument("--mesh", type=_mesh, default=(1, 1, 1), help="data x fsdp x tensor, e.g. 1x4x1")
+    p.add_argument("--tpu", metavar="TOPOLOGY", help="compile for a libtpu topology, e.g. v5e:2x2 (deviceless)")
     p.add_argument("--sft-attention", action="store_true", help="also check the SFT step's CUDA attention lowering")
     p.add_argument("--hlo-dir", help="write the decode loop's optimised HLO here")
     p.add_argument("--json", help="also write the report here")
@@ -447,13 +486,13 @@ def main(argv=None) -> dict:
     if args.batch % args.group:
         p.error(f"--batch {args.batch} is not a multiple of --group {args.group}")
     devices = math.prod(args.mesh)
-    if "jax" not in sys.modules and devices > 1:  # simulated devices: before the backend starts
+    if "jax" not in sys.modules and devices > 1 and not args.tpu:  # simulated devices: before the backend starts
         flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     shape = DecodeShape(args.preset, args.batch, args.prompt, args.new, args.group, args.dtype, args.sampling_dtype,
                         args.mesh)
-    report = {"decode": check_decode(shape, args.hlo_dir)}
+    report = {"decode": check_decode(shape, args.hlo_dir, args.tpu)}
     if args.sft_attention:
         report["sft_attention"] = check_sft_attention()
     print(format_report(report["decode"], report.get("sft_attention")))
