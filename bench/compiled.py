@@ -316,7 +316,7 @@ def loop_report(hlo_text: str, layer_bytes: int) -> dict:
                     collectives[op] = collectives.get(op, 0) + m
             kind = _movement(comps, ins)
             if kind and ins.bytes >= layer_bytes:
-                key = (kind, ins.type.split("{")[0])
+                key = (kind, re.sub(r"\{[^}]*\}", "", ins.type))  # without layouts
                 moves[key] = moves.get(key, 0) + m
     nested = [i.trip_count or condition_bound(comps, i) for c in mult for i in comps[c] if i.opcode == "while"]
     return {
