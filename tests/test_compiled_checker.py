@@ -3,6 +3,7 @@
 a token loop without a known trip count), and the targets of issue 17 as strict xfails that flip when the
 decode rewrite (branch `decode`) lands."""
 
+import argparse
 import importlib.util
 
 import jax
@@ -58,6 +59,13 @@ def test_trip_count_detection_on_a_fixed_count_loop():
     report = compiled.loop_report(open_ended.lower(x, w).compile().as_text(), 1 << 30)
     assert report["known_trip_count"] is None and report["condition_bound"] is None
     assert report["collectives_per_token"] == {}
+
+
+def test_mesh_argument():
+    assert compiled._mesh("1x4x1") == (1, 4, 1)
+    for bad in ("4", "1x0x1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="data x fsdp x tensor"):
+            compiled._mesh(bad)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is not None, reason="CUDA plugin installed")
