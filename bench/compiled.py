@@ -94,9 +94,9 @@ def decode_programs(cfg, shape: DecodeShape, mesh=None):
     local = jax.tree_util.tree_map(  # the weights in the sampling dtype, on one device
         lambda x: jax.ShapeDtypeStruct(x.shape, shape.weights_dtype if jnp.issubdtype(x.dtype, jnp.floating)
                                        else x.dtype), nn.unbox(boxed))
-    weights = local
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), shape.rows))
     V = cfg.text.vocab_size
+    weights = local
     if mesh is not None:
         weights = jax.tree_util.tree_map(put, local, parallel.param_shardings(boxed, mesh))
         spec = lambda k, s: NamedSharding(mesh, parallel.logical_to_spec(CACHE_AXES[k], s.shape, mesh))  # noqa: E731
@@ -107,7 +107,7 @@ def decode_programs(cfg, shape: DecodeShape, mesh=None):
                     jax.eval_shape(lambda: init_cache(cfg, prompts, shape.prompt)).items()}
     logits = rows(jax.ShapeDtypeStruct((prompts, V), cfg.dtype))
     next_position = rows(jax.ShapeDtypeStruct((prompts,), jnp.int32))
-    loop = (jax.jit(S._decode, static_argnames=("program",)).lower,
+    loop = (S.decode_jit.lower,
             (weights, prompt_cache, logits, next_position, rows(keys), knobs), {"program": program})
 
     net, n = Qwen2_5_VL(cfg.replace(scan_layers=False)), shape.rows
