@@ -179,4 +179,4 @@ def test_grpo_plan_adds_reference_params_and_kv_cache(worker):
     r = p.rollout
     assert r.params == p.params_total * 4 and r.kv_cache == 2 * p.kv_cache.bytes_per_token * 64
     assert r.held == m.params + m.opt_state + m.params
-    assert f"rollout   decode layout (replicated, rows split over 8)" in text and "KV cache" in text
+    assert "rollout   decode layout (replicated, rows split over 8)" in text and "KV cache" in text
