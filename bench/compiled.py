@@ -24,6 +24,7 @@ and cost figures, so it holds for any decode implementation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -392,7 +393,7 @@ def check_decode(shape: DecodeShape, hlo_dir: Optional[str] = None, tpu: Optiona
     measured = float(_cost(step).get("bytes accessed", 0.0))
     ideal = ideal_decode_bytes(cfg, shape)
     t0 = time.perf_counter()
-    with parallel.use_mesh(mesh) if mesh is not None else _nothing():
+    with parallel.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         loop = loop_lower(*loop_args, **loop_kw).compile()
     loop_s = time.perf_counter() - t0
     text = loop.as_text()
@@ -408,14 +409,6 @@ def check_decode(shape: DecodeShape, hlo_dir: Optional[str] = None, tpu: Optiona
         "loop": loop_report(text, layer_bytes(cfg, shape)),
         "compile_s": {"step": round(step_s, 1), "loop": round(loop_s, 1)},
     }
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def check_sft_attention(seq: int = 256) -> dict:
