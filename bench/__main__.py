@@ -171,7 +171,9 @@ def derive(rows: list[dict], ceil: dict) -> list[dict]:
     for r in rows:
         if "step_flops" in r:  # sft: FLOP/s = FLOP per step x steps/s
             flop_rate = r["step_flops"] * r["xr_jax"] / r["tokens"]
-            r["xr_mfu"] = flop_rate / flops.peak_flops()
+            peak = flops.peak_flops()
+            if peak:
+                r["xr_mfu"] = flop_rate / peak
             r["frac_of_ceiling"] = flop_rate / ceil["matmul_flops"]
         if "step_bytes" in r:  # decode: bytes per step x steps/s
             r["frac_of_ceiling"] = r["step_bytes"] * r["xr_jax"] / r["batch"] / ceil["copy_bytes_per_s"]

@@ -59,8 +59,10 @@ def timed(fn, reps: int) -> float:
     return float(np.median(times))
 
 
-def bench_xr(cfg: ModelConfig, params, prompts: np.ndarray, new: int, reps: int, profile: str | None = None) -> dict:
-    """Compile prefill and decode ahead of time (timed), then time each compiled program."""
+def bench_xr(cfg: ModelConfig, params, prompts: np.ndarray, new: int, reps: int, profile: str | None = None,
+             hlo_path: str | None = None) -> dict:
+    """Compile prefill and decode ahead of time (timed), then time each compiled program; `hlo_path`: also
+    write the compiled decode's optimised HLO there."""
     scfg = sampling.SamplingConfig(temperature=0.0, max_new_tokens=new, stop_ids=(), pad_id=0,
                                    prompt_buckets=(prompts.shape[1],))
     sampler = sampling.Sampler(cfg, scfg)
@@ -73,6 +75,9 @@ def bench_xr(cfg: ModelConfig, params, prompts: np.ndarray, new: int, reps: int,
     decode_args = (params, cache, logits, jnp.asarray(batch.next_position), keys, sampler.knobs())
     decode = sampling.decode_jit.lower(*decode_args, program=sampler.program(1)).compile()
     compile_s = time.perf_counter() - start
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(decode.as_text())
     jax.block_until_ready(decode(*decode_args))
     t_prefill = timed(lambda: prefill(params, *args), reps)
     t_decode = timed(lambda: decode(*decode_args), reps)

@@ -165,9 +165,11 @@ def main() -> None:
     batch = batch_arrays(args.batch, args.seq, cfg.text.vocab_size)
     tokens = args.batch * args.seq
     step_flops = flops.text_train_flops(cfg, tokens, args.seq)
-    peak = (args.peak_flops or flops.peak_flops()) * jax.device_count()
+    device_peak = args.peak_flops or flops.peak_flops()
+    peak = device_peak * jax.device_count() if device_peak else None  # None: MFU unknown
+    mfu = lambda seconds: step_flops / seconds / peak if peak else None  # noqa: E731
     res = {"machine": describe(), "shape": args.shape, "dtype": dtype, "batch": args.batch, "seq": args.seq,
-           "remat": args.remat, "step_tflop": step_flops / 1e12, "peak_tflops": peak / 1e12}
+           "remat": args.remat, "step_tflop": step_flops / 1e12, "peak_tflops": peak and peak / 1e12}
     if args.only:
         if args.only == "jax":
             run = jax_runner(cfg, batch, args.warmup, args.microbatches, args.chunk)
@@ -183,10 +185,10 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)
             best[side] = min(best[side], json.loads(out.stdout.strip().splitlines()[-1])["step_s"])
     t_jax = best["jax"]
-    res.update(jax_step_s=t_jax, jax_tokens_per_s=tokens / t_jax, jax_mfu=step_flops / t_jax / peak)
+    res.update(jax_step_s=t_jax, jax_tokens_per_s=tokens / t_jax, jax_mfu=mfu(t_jax))
     if not args.no_torch:
         t_torch = best["torch"]
-        res.update(torch_step_s=t_torch, torch_tokens_per_s=tokens / t_torch, torch_mfu=step_flops / t_torch / peak,
+        res.update(torch_step_s=t_torch, torch_tokens_per_s=tokens / t_torch, torch_mfu=mfu(t_torch),
                    speedup_vs_torch=t_torch / t_jax)
     print(json.dumps(res, indent=1))
     if args.json:

@@ -1,5 +1,6 @@
 """bench/gpu.sh at the tiny size on CPU: the suite runs end to end, writes its JSON, prints one table, stays
-off grain/datasets, and the decode of both sides emits the same greedy tokens (fp32)."""
+off grain/datasets, and the decode of both sides emits the same greedy tokens (fp32); then bench.gpu_rows
+(decode, GRPO rollout, SFT rows at the tiny size) writes its JSON and the decode's HLO and prints its table last."""
 
 import json
 import math
@@ -26,5 +27,11 @@ def test_gpu_script_runs_the_suite_at_tiny_size_on_cpu(tmp_path):
         assert r["xr_jax"] > 0 and r["torch"] > 0 and math.isfinite(r["xr_jax"] + r["torch"]), r
     assert all(r["same_tokens"] == 1.0 for r in rows if r["section"] == "decode")
     assert result["ceilings"]["copy_bytes_per_s"] > 0 and result["ceilings"]["matmul_flops"] > 0
-    table = proc.stdout.strip().splitlines()
-    assert table[-len(rows) - 2].startswith("| section |") and table[-1].startswith("| grpo update | tiny |")
+    lines = proc.stdout.strip().splitlines()
+    suite = lines.index(next(line for line in reversed(lines) if line.startswith("| section |")))
+    assert lines[suite + len(rows) + 1].startswith("| grpo update | tiny |")
+    extra = json.loads((tmp_path / "gpu_rows.json").read_text())["rows"]
+    assert [r["row"] for r in extra] == ["decode", "grpo rollout", "sft"]
+    assert all(r["tokens_per_s"] > 0 for r in extra) and extra[2]["shape"] == "tiny-vl text, remat dots"
+    assert extra[0]["known_trip_count"] is None and "while" in (tmp_path / "decode_7b.hlo.txt").read_text()
+    assert lines[-5].startswith("| row |") and lines[-1].startswith("| sft | tiny-vl text")

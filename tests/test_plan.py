@@ -133,6 +133,25 @@ def test_kv_cache_of_the_7b_grpo_rollout():
     assert plan_lib.kv_cache(cfg, (1, 4, 8), 1024, 5120, 0).shards == 4
 
 
+def test_rollout_memory_of_the_7b_grpo_config():
+    """configs/x_reasoner_grpo.yaml on 32 devices, decode layout: Qwen2.5-VL-7B's language model (7,615,616,512
+    params, Qwen2.5-7B's published count; the vision tower is not read) in bf16 on every device, 1024 rows
+    split 32 per device with 5120 slots x 57,344 B of bf16 cache each, and one step's logits."""
+    config = config_lib.load("configs/x_reasoner_grpo.yaml")
+    g, cfg = config.grpo, plan_lib.model_config(config)
+    r = plan_lib.rollout_memory(cfg, 32, config.train.batch_size * g.group_size, g.max_prompt_len + g.max_new_tokens,
+                                g.sampler_dtype or cfg.dtype)
+    assert (r.rows, r.length, r.data, r.rows_per_device) == (1024, 5120, 32, 32)
+    assert r.params == 7_615_616_512 * 2
+    assert r.kv_cache == 32 * 5120 * 57344
+    assert r.logits == 32 * 152064 * (2 + 4)
+    # tensor-parallel over 4: params and kv heads (4) split 4 ways, 4x the rows per device
+    r4 = plan_lib.rollout_memory(cfg, 32, 1024, 5120, "bfloat16", tensor=4)
+    assert r4.params == r.params // 4 and r4.kv_cache == r.kv_cache and r4.rows_per_device == 128
+    with pytest.raises(plan_lib.PlanError, match="does not divide"):
+        plan_lib.rollout_memory(cfg, 32, 1024, 5120, "bfloat16", tensor=3)
+
+
 def test_parse_bytes_and_bad_input():
     assert plan_lib.parse_bytes("40GB") == 40 * 10**9
     assert plan_lib.parse_bytes("40GiB") == 40 * 2**30
@@ -153,4 +172,11 @@ def test_grpo_plan_adds_reference_params_and_kv_cache(worker):
     t = preset("tiny").text  # fp32 cache: layers x (k, v) x kv heads x head_dim x 4 bytes
     assert p.kv_cache.bytes_per_token == t.num_layers * 2 * t.num_kv_heads * t.head_dim * 4
     assert p.kv_cache.total == 16 * 64 * p.kv_cache.bytes_per_token and p.kv_cache.shards == 8
-    assert "KV cache" in plan_lib.format_report(p)
+    text = plan_lib.format_report(p)
+    assert "KV cache" in text
+    # the rollout on the decode layout: fp32 text params whole on each device (tiny's sampler_dtype unset,
+    # compute fp32), 2 of the 16 rows' caches, the train state + reference held beside them
+    r = p.rollout
+    assert r.params == p.params_total * 4 and r.kv_cache == 2 * p.kv_cache.bytes_per_token * 64
+    assert r.held == m.params + m.opt_state + m.params
+    assert "rollout   decode layout (replicated, rows split over 8)" in text and "KV cache" in text

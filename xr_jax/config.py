@@ -120,8 +120,9 @@ class TrainSection:
     split into `microbatches` inside the jitted step. seq_len: tokens per row. freeze_vision: the paper
     trains on text only; the vision tower then gets no gradient and no optimizer state. loss_chunk:
     tokens per chunk of the chunked cross-entropy. nan_patience: stop (with a checkpoint) after this many
-    non-finite steps in a row. peak_flops: per-device peak FLOP/s for MFU (None: a per-backend default,
-    an estimate on CPU). export_dir: write the final params there as an xr_jax model checkpoint (usable as
+    non-finite steps in a row. peak_flops: per-device peak FLOP/s for MFU (None: the datasheet figure of
+    the device kind, `train/flops.py`; an estimate on CPU; an unknown accelerator warns and logs MFU as
+    n/a). export_dir: write the final params there as an xr_jax model checkpoint (usable as
     the next stage's `model.path`, by `xr-jax sample` and by `xr-jax convert --from`)."""
 
     steps: Optional[int] = None

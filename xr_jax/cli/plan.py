@@ -33,16 +33,19 @@ from xr_jax.errors import UserError
 
 GIB = 2**30
 
-# Memory per device (what the runtime reports as total) and dense bf16 peak FLOP/s (datasheets).
-DEVICE_KINDS: dict[str, tuple[int, float]] = {
-    "a100-40gb": (40 * GIB, 312e12),
-    "a100-80gb": (80 * GIB, 312e12),
-    "h100-80gb": (80 * GIB, 989e12),
-    "h200-141gb": (141 * 10**9, 989e12),
-    "tpu-v4": (32 * GIB, 275e12),
-    "tpu-v5e": (16 * GIB, 197e12),
-    "tpu-v5p": (95 * GIB, 459e12),
-    "tpu-v6e": (32 * GIB, 918e12),
+# Memory per device (what the runtime reports as total) and the `device_kind` the runtime names it by: its
+# dense bf16 peak FLOP/s is `flops.datasheet_peak` of that.
+DEVICE_KINDS: dict[str, tuple[int, str]] = {
+    "a100-40gb": (40 * GIB, "NVIDIA A100-SXM4-40GB"),
+    "a100-80gb": (80 * GIB, "NVIDIA A100-SXM4-80GB"),
+    "h100-80gb": (80 * GIB, "NVIDIA H100 80GB HBM3"),
+    "h200-141gb": (141 * 10**9, "NVIDIA H200"),
+    "b200-180gb": (180 * 10**9, "NVIDIA B200"),
+    "l4-24gb": (24 * 10**9, "NVIDIA L4"),
+    "tpu-v4": (32 * GIB, "TPU v4"),
+    "tpu-v5e": (16 * GIB, "TPU v5 lite"),
+    "tpu-v5p": (95 * GIB, "TPU v5"),
+    "tpu-v6e": (32 * GIB, "TPU v6 lite"),
 }
 REMATS = ("none", "dots", "full")  # cheapest first: recompute costs time
 _WORKER_TAG = "XRPLAN "
@@ -159,6 +162,32 @@ class KVCache:
 
 
 @dataclasses.dataclass
+class RolloutMemory:
+    """Per-device bytes of a rollout on the decode layout: the policy resharded once per rollout into the
+    sampling dtype, replicated within groups of `tensor` devices (split over them by tensor parallelism),
+    rows split over the `data` = devices / tensor groups; each row's KV cache holds prompt + max new tokens
+    for all layers; `logits` is one decode step's [rows, vocab] in the compute dtype plus its fp32 copy."""
+
+    rows: int
+    length: int
+    data: int
+    tensor: int
+    dtype: str  # sampling dtype of the weights
+    params: int  # per device
+    kv_cache: int  # per device
+    logits: int  # per device
+    held: int = 0  # per device, kept beside the rollout: train state + reference params (training layout)
+
+    @property
+    def total(self) -> int:
+        return self.params + self.kv_cache + self.logits
+
+    @property
+    def rows_per_device(self) -> int:
+        return -(-self.rows // self.data)
+
+
+@dataclasses.dataclass
 class Plan:
     stage: str
     devices: int
@@ -176,6 +205,7 @@ class Plan:
     best: Optional[Measurement]
     kv_cache: Optional[KVCache] = None
     total_steps: Optional[int] = None
+    rollout: Optional[RolloutMemory] = None
 
     @property
     def usable(self) -> int:
@@ -453,14 +483,37 @@ def kv_cache(model_cfg, mesh: tuple[int, ...], rows: int, length: int, sampling_
     return KVCache(rows, length, per_token, dp * tp, sampling_params)
 
 
+def rollout_memory(model_cfg, devices: int, rows: int, length: int, sampling_dtype: str,
+                   tensor: int = 1) -> RolloutMemory:
+    """The decode layout's per-device bytes (`RolloutMemory`): the text model's params (the vision tower is
+    not read by text rollouts) in `sampling_dtype` / tensor, rows split over devices / tensor, each with a
+    `length`-slot cache (kv heads split over tensor when it divides them)."""
+    from xr_jax.models.qwen2_5_vl import abstract_params
+
+    if tensor < 1 or devices % tensor:
+        raise PlanError(f"--rollout-tensor {tensor} does not divide --devices {devices}")
+    params = abstract_params(model_cfg)
+    text = sum(math.prod(x.shape) for k, v in params.items() if k != "visual" for x in _leaves(v))
+    t = model_cfg.text
+    kv_split = tensor if t.num_kv_heads % tensor == 0 else 1
+    out = RolloutMemory(rows, length, devices // tensor, tensor, sampling_dtype, 0, 0, 0)
+    per_row = length * t.num_layers * 2 * t.num_kv_heads * t.head_dim * _itemsize(model_cfg.dtype) // kv_split
+    out.params = text * _itemsize(sampling_dtype) // tensor
+    out.kv_cache = out.rows_per_device * per_row
+    out.logits = out.rows_per_device * t.vocab_size * (_itemsize(model_cfg.dtype) + 4)
+    return out
+
+
 def plan(config, devices: int, device_memory: int, *, stage: str = "sft", usable_fraction: float = 0.9,
          peak_flops: Optional[float] = None, search_layouts: bool = True, max_compiles: int = 12,
-         worker: Optional["Worker"] = None) -> Plan:
+         worker: Optional["Worker"] = None, rollout_tensor: int = 1) -> Plan:
     """Measure the config's own layout on `devices` simulated devices and search for one that fits.
 
     stage "sft": the SFT train step. stage "grpo": the GRPO update step on one minibatch of rollout rows,
     with the frozen reference params beside it (`grpo.kl_coef` > 0), and the sampler's KV cache.
     `worker`: a running `Worker(devices)` to reuse (one is started and stopped otherwise).
+    GRPO also gets the rollout's memory on the decode layout (`rollout_memory`, tensor parallel over
+    `rollout_tensor` devices) in the sampling dtype: grpo.sampler_dtype, else the compute dtype.
     """
     from xr_jax import config as config_lib, parallel
     from xr_jax.train import flops
@@ -477,6 +530,9 @@ def plan(config, devices: int, device_memory: int, *, stage: str = "sft", usable
     config_dict = config_lib.to_dict(config)
     microbatches = grpo_cfg.microbatches if grpo_cfg else config.train.microbatches
     requested = Layout(requested_mesh, config.model.remat, microbatches)
+    rollout = None if grpo_cfg is None else rollout_memory(
+        model_cfg, devices, config.train.batch_size * grpo_cfg.group_size,
+        grpo_cfg.max_prompt_len + grpo_cfg.max_new_tokens, grpo_cfg.sampler_dtype or model_cfg.dtype, rollout_tensor)
 
     own = worker is None
     worker = Worker(devices) if own else worker
@@ -500,8 +556,8 @@ def plan(config, devices: int, device_memory: int, *, stage: str = "sft", usable
     if grpo_cfg is not None and of is not None:
         sampler_dtype = grpo_cfg.sampler_dtype
         sampling = of.params * _itemsize(sampler_dtype) // _itemsize(model_cfg.param_dtype) if sampler_dtype else 0
-        kv = kv_cache(model_cfg, of.layout.mesh, config.train.batch_size * grpo_cfg.group_size,
-                      grpo_cfg.max_prompt_len + grpo_cfg.max_new_tokens, sampling)
+        kv = kv_cache(model_cfg, of.layout.mesh, rollout.rows, rollout.length, sampling)
+        rollout.held = of.params + of.opt_state + (of.params if budget.reference else 0)
     n_params, n_train = _param_counts(model_cfg, config.train.freeze_vision)
     return Plan(
         stage=stage, devices=devices, device_memory=device_memory, budget=budget,
@@ -509,7 +565,7 @@ def plan(config, devices: int, device_memory: int, *, stage: str = "sft", usable
         batch_size=shape.rows, seq_len=shape.seq_len,
         model_flops=flops.text_train_flops(model_cfg, shape.rows * shape.seq_len, shape.seq_len),
         peak_flops=peak_flops, requested=first, tried=tried, best=best, kv_cache=kv,
-        total_steps=config.total_steps if stage == "sft" else None,
+        total_steps=config.total_steps if stage == "sft" else None, rollout=rollout if kv else None,
     )
 
 
@@ -573,6 +629,8 @@ def format_report(p: Plan, title: str = "") -> str:
                    f"{'yes' if p.fits(m) else 'no ':<4} | {m.compile_s:5.1f} s {tag}".rstrip())
     if p.kv_cache:
         out += _kv_lines(p, b, unit_name)
+    if p.rollout:
+        out += _rollout_lines(p, b, unit_name)
     out.append(_verdict(p, b, unit_name))
     flops_of = p.best or p.requested
     if flops_of.xla_flops:
@@ -595,6 +653,19 @@ def _kv_lines(p: Plan, b, unit_name: str) -> list[str]:
         rows = int((p.usable - held) / (kv.per_device / kv.rows)) if p.usable > held else 0
         lines.append(f"          -> does not fit: room for ~{rows} of the {kv.rows} rows' cache; the trainer samples "
                      "all rows in one call, so use more devices or fewer prompts per step (train.batch_size)")
+    return lines
+
+
+def _rollout_lines(p: Plan, b, unit_name: str) -> list[str]:
+    r = p.rollout
+    layout = "replicated" if r.tensor == 1 else f"tensor-parallel over {r.tensor}"
+    lines = [f"rollout   decode layout ({layout}, rows split over {r.data}), per device in {unit_name}: "
+             f"{r.dtype} params {b(r.params)} + KV cache {b(r.kv_cache)} ({r.rows_per_device} of {r.rows} rows x "
+             f"{r.length} slots, all layers) + logits {b(r.logits)} = {b(r.total)}",
+             f"          with the train state and reference held in the training layout ({b(r.held)}): "
+             f"{b(r.total + r.held)} of {b(p.usable)} {unit_name}, before decode temporaries"]
+    if r.total + r.held > p.usable:
+        lines.append("          -> does not fit: use more devices, --rollout-tensor, or fewer prompts per step")
     return lines
 
 
@@ -640,6 +711,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "grpo.max_prompt_len + grpo.max_new_tokens, grpo.minibatches, grpo.kl_coef")
     p.add_argument("--no-search", action="store_true", help="measure the configured layout only")
     p.add_argument("--max-compiles", type=int, default=12, help="compile budget of the search (default 12)")
+    p.add_argument("--rollout-tensor", type=int, default=1,
+                   help="GRPO: devices a rollout's decode layout splits the params over (default 1: replicated)")
     p.add_argument("--json", help="also write the plan as JSON to this file")
 
 
@@ -658,13 +731,16 @@ def run(args: argparse.Namespace) -> Plan:
 
     if args.device_memory is None and args.device_kind is None:
         raise PlanError("give --device-memory (e.g. 40GB) or --device-kind (e.g. a100-40gb)")
-    memory, peak = DEVICE_KINDS.get(args.device_kind, (None, None))
+    from xr_jax.train.flops import datasheet_peak
+
+    memory, kind = DEVICE_KINDS.get(args.device_kind, (None, None))
+    peak = kind and datasheet_peak(kind)
     if args.device_memory is not None:
         memory = parse_bytes(args.device_memory)
     config = config_lib.load(args.config, args.overrides)
     p = plan(config, args.devices, memory, stage=args.stage or _stage_of(args.config),
              usable_fraction=args.usable_fraction, peak_flops=peak, search_layouts=not args.no_search,
-             max_compiles=args.max_compiles)
+             max_compiles=args.max_compiles, rollout_tensor=args.rollout_tensor)
     print(format_report(p, args.config or ""))
     if args.json:
         with open(args.json, "w") as f:

@@ -7,6 +7,8 @@ weighted sum over the full T, causality not discounted). A frozen vision tower r
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Optional
 
 import jax
@@ -14,11 +16,18 @@ import numpy as np
 
 from xr_jax.models.config import ModelConfig
 
-# dense bf16 peak FLOP/s per device (vendor datasheets); CPU: an estimate, see `peak_flops`
-_PEAKS = {
-    "h200": 989e12, "h100": 989e12, "a100": 312e12, "l4": 121e12, "a10": 125e12, "v100": 125e12,
-    "tpu v6": 918e12, "tpu v5p": 459e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v4": 275e12,
-}
+# Dense (no sparsity) bf16 peak FLOP/s per device from the vendor datasheets, keyed by a pattern of
+# `device.device_kind` (lower case), most specific first: "TPU v5" is v5p while "TPU v5 lite" is v5e, and an
+# H100 PCIe / NVL card is slower than the SXM part ("NVIDIA H100 80GB HBM3").
+_PEAKS: tuple[tuple[str, float], ...] = (
+    (r"gb200", 2.5e15), (r"b200", 2.25e15),
+    (r"h200 nvl", 835e12), (r"h200", 989e12),
+    (r"h100 pcie", 756e12), (r"h100 nvl", 835e12), (r"h100", 989e12),
+    (r"a100", 312e12), (r"\bl4\b", 121e12), (r"a10g", 70e12), (r"\ba10\b", 125e12), (r"v100", 125e12),
+    (r"tpu v6( lite|e)", 918e12),
+    (r"tpu v5( lite|e)", 197e12), (r"tpu v5p?$", 459e12),
+    (r"tpu v4", 275e12), (r"tpu v3", 123e12),
+)
 # One x86 core with AVX2: 2 FMA units x 8 fp32 lanes x 2 FLOPs = 32 FLOPs/cycle at ~2.5 GHz.
 CPU_CORE_PEAK = 32 * 2.5e9
 
@@ -55,16 +64,30 @@ def vision_flops(cfg: ModelConfig, image_grid_thw: Optional[np.ndarray], trained
     return (3.0 if trained else 1.0) * (matmul + attn)
 
 
-def peak_flops(device=None) -> float:
-    """Peak FLOP/s of one device. CPU: cores x 32 FLOPs/cycle x 2.5 GHz, an *estimate* — pass the real
-    figure as `train.peak_flops` for a meaningful MFU."""
+def peak_flops(device=None) -> Optional[float]:
+    """Peak FLOP/s of one device, or None (with one warning per kind) when the device kind is unknown: the
+    run goes on and reports MFU as unknown. CPU: cores x 32 FLOPs/cycle x 2.5 GHz, an *estimate* — pass the
+    real figure as `train.peak_flops` for a meaningful MFU."""
     import os
 
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         return (os.cpu_count() or 1) * CPU_CORE_PEAK / max(1, len(jax.local_devices()))
-    kind = device.device_kind.lower()
-    for name, value in _PEAKS.items():
-        if name in kind:
+    value = datasheet_peak(device.device_kind)
+    if value is None and device.device_kind not in _WARNED:
+        _WARNED.add(device.device_kind)
+        warnings.warn(f"no peak FLOP/s known for device {device.device_kind!r}: MFU is reported as unknown "
+                      "(set train.peak_flops to the device's dense bf16 peak)", stacklevel=2)
+    return value
+
+
+def datasheet_peak(device_kind: str) -> Optional[float]:
+    """The datasheet's dense bf16 FLOP/s for a `device_kind` string, None when unknown."""
+    kind = device_kind.lower().strip()
+    for pattern, value in _PEAKS:
+        if re.search(pattern, kind):
             return value
-    raise ValueError(f"no peak FLOP/s known for device {device.device_kind!r}: set train.peak_flops")
+    return None
+
+
+_WARNED: set[str] = set()

@@ -104,12 +104,13 @@ class MetricsLogger:
 class Progress:
     """What a person watching sees (process 0 only): a tqdm bar (rate, ETA, latest loss) when `bar` and
     stderr is a terminal; and when stdout is not a terminal (nohup, SLURM, a pipe), a flushed line every
-    `print_every` steps on stdout -- step, loss, reward (GRPO), tokens/s, ETA -- so a batch job's log
-    shows the run moving. The ETA leaves out the first step (compilation)."""
+    `print_every` steps on stdout -- step, loss, reward (GRPO), tokens/s, MFU when `mfu` (n/a when the
+    device's peak is unknown), ETA -- so a batch job's log shows the run moving. The ETA leaves out the first
+    step (compilation)."""
 
-    def __init__(self, total: int, start: int, bar: bool, print_every: int = 0):
+    def __init__(self, total: int, start: int, bar: bool, print_every: int = 0, mfu: bool = False):
         main = jax.process_index() == 0
-        self._total = total
+        self._total, self._mfu = total, mfu
         self._bar = None
         if bar and main and sys.stderr.isatty():
             from tqdm import tqdm
@@ -135,6 +136,8 @@ class Progress:
         if "reward_mean" in record:
             parts.append(f"reward {record['reward_mean']:.4f}")
         parts.append(f"tokens/s {record.get('tokens_per_s', 0.0):.0f}")
+        if self._mfu:
+            parts.append(f"mfu {record['mfu']:.1%}" if "mfu" in record else "mfu n/a")
         first_step, first_time = self._first
         if step > first_step:
             eta = (now - first_time) / (step - first_step) * (self._total - step)
@@ -220,11 +223,12 @@ def run_loop(
 ) -> LoopResult:
     """Train from `state.step` to `total_steps`; raises `RunStopped` (after saving) on an early stop.
 
-    flops_fn(local_batch) -> FLOPs of the global step, for MFU against `peak_flops` (whole mesh).
+    flops_fn(local_batch) -> FLOPs of the global step, for MFU against `peak_flops` (whole mesh; None: an
+    unknown device, MFU left out of the metrics and "n/a" in the progress line).
     progress / print_every: the terminal bar and the batch-job lines (`Progress`).
     """
     start = int(jax.device_get(state.step))
-    bar = Progress(total_steps, start, progress, print_every)
+    bar = Progress(total_steps, start, progress, print_every, mfu=flops_fn is not None)
     preempt = Preemption()
     bad_in_a_row, last, reason = 0, None, "done"
 

@@ -362,7 +362,8 @@ def main(config) -> dict:
         make_train_step(model_cfg, tx, schedule, microbatches=tr.microbatches, z_loss=tr.z_loss,
                         chunk=tr.loss_chunk, frozen=frozen, mesh=mesh, shardings=shardings),
         mesh, shardings), batches)
-    peak = (tr.peak_flops or flops.peak_flops()) * mesh.size
+    device_peak = tr.peak_flops or flops.peak_flops()  # None on an unknown accelerator: MFU unknown
+    peak = device_peak * mesh.size if device_peak else None
     flops_fn = lambda b: flops.text_train_flops(  # noqa: E731
         model_cfg, float((np.asarray(b["segment_ids"]) > 0).sum()) * jax.process_count(), tr.seq_len) + (
         flops.vision_flops(model_cfg, b.get("image_grid_thw"), trained=not frozen))
