@@ -20,7 +20,6 @@ under a mesh, as Pallas calls cannot be partitioned by XLA.
 
 from __future__ import annotations
 
-import functools
 from functools import partial
 
 import flax.linen as nn
@@ -115,7 +114,6 @@ def _cudnn_attention(q, k, v, segment_ids, max_segments):
     return jnp.where(overflow, jnp.nan, out).astype(q.dtype)
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(t: int, n: int, block: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
