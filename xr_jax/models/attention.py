@@ -318,7 +318,10 @@ def _decode_pallas_tpu(q4, k, v, start, end, interpret, block: int = 128):
     neg = jnp.finfo(jnp.float32).min
 
     def kv_block(i, j, n, st, en):
-        return i, j, jnp.minimum(jnp.maximum(n, st[i] // bs), jnp.maximum(en[i] - 1, 0) // bs), 0
+        # truncating division (non-negative slots): floor division lowers through `sign`, which asks the
+        # local device's TPU generation and so breaks deviceless compiles
+        first, last = jax.lax.div(st[i], bs), jax.lax.div(jnp.maximum(en[i] - 1, 0), bs)
+        return i, j, jnp.minimum(jnp.maximum(n, first), last), 0
 
     def kernel(st_ref, en_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc):
         i, n = pl.program_id(0), pl.program_id(2)
