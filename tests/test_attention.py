@@ -159,3 +159,15 @@ def test_resolve_attention_by_backend_and_dtype():
     assert attention.gpu_decode_blocks(5120) == (16, 64) and attention.gpu_decode_blocks(48) == (1, 16)
     with pytest.raises(ValueError, match="multiple of 16"):
         attention.gpu_decode_blocks(383)
+
+
+def test_decode_kernel_runs_per_shard_under_a_mesh():
+    """Under a mesh the Pallas call runs on each device's rows (shard_map): XLA cannot partition it."""
+    from xr_jax.parallel import make_mesh, use_mesh
+
+    q, k, v, start, end = (x[:2] for x in _decode_inputs(jnp.float32))
+    run = lambda *a: attention.decode_attention(*a, impl="pallas_tpu", interpret=True)  # noqa: E731
+    with use_mesh(make_mesh((1, 2, 1), jax.devices()[:2])):
+        assert "shard_map" in str(jax.make_jaxpr(run)(q, k, v, start, end))
+        got = jax.jit(run)(q, k, v, start, end)
+    assert _rel(got, attention.decode_attention(q, k, v, start, end, impl="einsum")) < 1e-5
