@@ -29,35 +29,27 @@ from xr_jax.models.config import ModelConfig, TextConfig
 _CUDNN_CALL = re.compile(r"stablehlo\.custom_call @__cudnn\$(fmha\w+)\(.*\}\s*:\s*\((.*)\)\s*->\s*(.*)$")
 
 
-def lowering_model(dtype: str = "bfloat16", attention: str = "cudnn", seq: int = 256) -> ModelConfig:
+def lowering_model(dtype: str = "bfloat16", attention: str = "cudnn") -> ModelConfig:
     """A 2-layer text model with Qwen2.5's head shape (head_dim 64, GQA 7:1) for lowering checks."""
     return ModelConfig(
         text=TextConfig(vocab_size=512, hidden_size=448, intermediate_size=896, num_layers=2, num_heads=7,
-                        num_kv_heads=1, max_position_embeddings=max(seq, 512), mrope_section=None,
+                        num_kv_heads=1, max_position_embeddings=4096, mrope_section=None,
                         tie_word_embeddings=True),
         vision=None, dtype=dtype, param_dtype="float32", attention=attention)
 
 
 def sft_loss_and_grad(cfg: ModelConfig, batch: int, seq: int):
     """(function, abstract args) of the SFT objective's value and gradient (`train.sft.make_loss_fn`)."""
-    from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
+    from xr_jax.models.qwen2_5_vl import abstract_params
     from xr_jax.train.sft import make_loss_fn
 
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-    rows = {"input_ids": ids, "targets": ids, "segment_ids": ids, "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32),
-            "positions": jax.ShapeDtypeStruct((3, batch, seq), jnp.int32)}
-    model = Qwen2_5_VL(cfg.replace(attention="einsum"))  # the param tree does not depend on the kernel
-    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, seq), jnp.int32),
-                                               jnp.zeros((3, batch, seq), jnp.int32), jnp.ones((batch, seq), jnp.int32)))
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn_unbox(params["params"]))
+    rows = {"input_ids": ids, "targets": ids, "segment_ids": ids,
+            "positions": jax.ShapeDtypeStruct((3, batch, seq), jnp.int32),
+            "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32)}
+    params = abstract_params(cfg.replace(attention="einsum"))  # the param tree does not depend on the kernel
     grad = jax.value_and_grad(make_loss_fn(cfg), has_aux=True)
     return grad, (params, rows, jax.ShapeDtypeStruct((), jnp.float32))
-
-
-def nn_unbox(tree):
-    import flax.linen as nn
-
-    return nn.meta.unbox(tree)
 
 
 @contextlib.contextmanager

@@ -115,7 +115,8 @@ def test_packed_segments_rebuild_the_reference_mask():
             if n > 0:
                 rebuilt[b, o:o + n, o:o + n] = np.tril(np.ones((n, n), bool))
     idx = jnp.arange(t)
-    np.testing.assert_array_equal(rebuilt, np.asarray(attention.attention_mask(jnp.asarray(seg), jnp.asarray(seg), idx, idx))[:, 0])
+    want = attention.attention_mask(jnp.asarray(seg), jnp.asarray(seg), idx, idx)
+    np.testing.assert_array_equal(rebuilt, np.asarray(want)[:, 0])
     assert bool(attention.packed_segments(jnp.asarray(seg), max_segments=2)[2])
 
 

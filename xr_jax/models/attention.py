@@ -9,12 +9,12 @@
   decode_attention(q, k, v, start, end, impl)     one query token per row over the live slots [start, end)
       "einsum"      CPU and the reference.
       "pallas_gpu"  jax's Pallas GPU decode kernel (`decode_attn_unbatched`), vmapped over [B, K]: it reads
-                    only the key blocks before `end`.
-      "pallas_tpu"  a Pallas TPU kernel (`_decode_pallas_tpu`) over [B, K, S blocks]: blocks outside
-                    [start, end) are neither fetched nor computed.
+                    only the key blocks before `end` and skips the slot splits wholly before `start`.
+      "pallas_tpu"  a Pallas TPU kernel (`_decode_pallas_tpu`) over [B, K, S / 128 blocks]: blocks outside
+                    [start, end) are neither fetched nor computed (S not a multiple of 128: one block).
 
-Layouts follow /work/wt/CONTRACT.md: training q [B, T, N, H], k/v [B, T, K, H]; decode q [B, N, H], caches
-k/v [B, K, S, H]. GQA: query head i uses kv head i // (N / K). Kernel paths run per shard (`_per_shard`)
+Layouts (the decode contract of issue #17): training q [B, T, N, H], k/v [B, T, K, H]; decode q [B, N, H],
+per-layer caches k/v [B, K, S, H], head-major as the dots consume them (no transpose per step). GQA: query head i uses kv head i // (N / K). Kernel paths run per shard (`_per_shard`)
 under a mesh, as Pallas calls cannot be partitioned by XLA.
 """
 
@@ -84,9 +84,10 @@ def attention(q, k, v, segment_ids, *, impl: str, max_segments: int = 32, interp
     Rows of padding (segment 0) see no key: their output is not defined across impls (each kernel gives
     its own), and no other row sees them. `max_segments` bounds the segments per row of the cuDNN packed
     layout (static); a row with more turns the output into NaN rather than attend across segments.
-    `interpret` runs the Splash kernel in Pallas interpret mode (CPU tests)."""
+    `interpret` runs the Splash kernel in Pallas interpret mode (CPU tests). Splash tiles the sequence by
+    128: other lengths take the einsum path."""
     t = q.shape[1]
-    if impl == "einsum":
+    if impl == "einsum" or (impl == "splash" and t % 128):
         idx = jnp.arange(t)
         return dot_product_attention(q, k, v, attention_mask(segment_ids, segment_ids, idx, idx), "einsum",
                                      causal=True)
@@ -129,9 +130,7 @@ def _splash_attention(q, k, v, segment_ids, interpret):
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     b, t, n, h = q.shape
-    block = next((s for s in (512, 256, 128) if t % s == 0), None)
-    if block is None:
-        raise ValueError(f"splash attention needs a sequence length that is a multiple of 128, got {t}")
+    block = next(s for s in (512, 256, 128) if t % s == 0)
 
     def run(q, k, v, seg):
         kernel = _splash_kernel(t, q.shape[1], block, interpret)
@@ -256,9 +255,12 @@ _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 def decode_attention(q, k, v, start, end, *, impl: str = "auto", interpret: bool = False):
     """One query token per row over its live cache slots (CONTRACT.md): q [B, N, H], k/v [B, K, S, H],
     start/end [B] int32 -> softmax(q k^T / sqrt(H)) v over start <= s < end, fp32 softmax, [B, N, H] in q's
-    dtype. "auto" picks by backend (`resolve_attention`); `interpret` runs the Pallas kernels on CPU."""
+    dtype. "auto" picks by backend (`resolve_attention`); `interpret` runs the Pallas kernels on CPU. The
+    Pallas GPU kernel tiles the slots by 16: other cache lengths take the einsum path."""
     if impl == "auto":
         impl = resolve_attention("auto", decoding=True)
+    if impl == "pallas_gpu" and k.shape[2] % 16:
+        impl = "einsum"
     b, n, h = q.shape
     kh = k.shape[1]
     q4 = q.reshape(b, kh, n // kh, h)  # query heads grouped by their kv head: a free reshape
