@@ -103,16 +103,36 @@ def tpu_topology(name: str = "v5e:2x2"):
     return topologies.get_topology_desc(platform="tpu", topology_name=name)
 
 
-def compile_tpu(fn, args, topology_name: str = "v5e:2x2", out_shardings=None) -> str:
+def compile_tpu(fn, args, topology_name: str = "v5e:2x2") -> str:
     """The compiled HLO text of `fn(*args)` for a TPU topology's first device (deviceless)."""
     from jax.sharding import SingleDeviceSharding
 
-    dev = tpu_topology(topology_name).devices[0]
-    sharding = SingleDeviceSharding(dev)
-    placed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
+    sharding = SingleDeviceSharding(tpu_topology(topology_name).devices[0])
+    return _compile_tpu(fn, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args))
+
+
+def compile_tpu_sft_fsdp(cfg: ModelConfig, batch: int, seq: int, topology_name: str = "v5e:2x2") -> str:
+    """The SFT loss+grad compiled for all devices of a TPU topology as one FSDP axis, rows sharded over it
+    (params replicated: only the attention's partitioning is at stake)."""
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from xr_jax.parallel import MESH_AXES, use_mesh
+
+    devices = tpu_topology(topology_name).devices
+    mesh = Mesh(np.array(devices).reshape(1, len(devices), 1), MESH_AXES)
+    fn, (params, rows, count) = sft_loss_and_grad(cfg, batch, seq)
+    place = lambda a, *spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P(*spec)))  # noqa: E731
+    rows = {k: place(v, None, ("data", "fsdp")) if k == "positions" else place(v, ("data", "fsdp"))
+            for k, v in rows.items()}
+    with use_mesh(mesh):
+        return _compile_tpu(fn, (jax.tree.map(place, params), rows, place(count)))
+
+
+def _compile_tpu(fn, args) -> str:
     # Mosaic rejects bf16 dots at HIGHEST precision ("Bad lhs type"), which the test suite sets globally
     with jax.default_matmul_precision("default"):
-        return jax.jit(fn).trace(*placed).lower(lowering_platforms=("tpu",)).compile().as_text()
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).compile().as_text()
 
 
 def tpu_kernels(hlo: str) -> list[str]:
@@ -147,6 +167,8 @@ def main() -> None:
     try:
         out["tpu_sft_loss_grad"] = tpu_kernels(compile_tpu(*sft_loss_and_grad(tcfg, 2, 256)))
         out["tpu_decode"] = tpu_kernels(compile_tpu(*decode_step_args(tcfg, 8, 384)))
+        hlo = compile_tpu_sft_fsdp(tcfg, 4, 256)
+        out["tpu_sft_loss_grad_fsdp4"] = {"kernels": tpu_kernels(hlo), "all_gathers": hlo.count("all-gather(")}
     except Exception as e:  # noqa: BLE001 -- report why the deviceless TPU compile is not available
         out["tpu"] = f"{type(e).__name__}: {e}"[:400]
     print(json.dumps(out, indent=1))

@@ -48,3 +48,13 @@ def test_deviceless_tpu_compiles_use_splash_and_the_decode_kernel():
         "splash_mha_dkv_segmented_no_residuals", "splash_mha_dq_segmented_no_residuals",
         "splash_mha_fwd_segmented_residuals"]
     assert L.tpu_kernels(L.compile_tpu(*L.decode_step_args(cfg, 8, 384))) == ["decode_attention_tpu"]
+
+
+def test_splash_runs_per_device_on_an_fsdp_mesh():
+    """On 4 TPU devices with rows sharded, each device runs Splash on its rows: nothing is all-gathered
+    (a Pallas call left to XLA's partitioner does not compile: "Mosaic kernels cannot be automatically
+    partitioned")."""
+    pytest.importorskip("libtpu")
+    hlo = L.compile_tpu_sft_fsdp(L.lowering_model("bfloat16", "splash"), 4, 256)
+    assert "splash_mha_fwd_segmented_residuals" in L.tpu_kernels(hlo)
+    assert "all-gather(" not in hlo and "all-reduce(" in hlo
