@@ -8,7 +8,6 @@ scan, so the param tree never changes.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xr_jax.models.attention import attention, attention_mask, dot_product_attention, resolve_attention
 from xr_jax.models.config import ModelConfig, TextConfig
 from xr_jax.models.layers import MLP, Dense, RMSNorm, apply_rotary, as_dtype, matmul, remat_policy
 
@@ -42,116 +42,14 @@ def text_rotary(positions, cfg: TextConfig, dtype):
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-def attention_mask(q_segment, kv_segment, q_index, kv_index):
-    """bool [B, 1, T, S]: same (non-zero) segment and causal by slot index."""
-    same = (q_segment[:, :, None] == kv_segment[:, None, :]) & (q_segment[:, :, None] != 0)
-    causal = kv_index[None, None, :] <= q_index[None, :, None]
-    return (same & causal)[:, None]
-
-
-def dot_product_attention(q, k, v, mask, impl: str, causal: bool = False):
-    """q [B,T,N,H], k/v [B,S,K,H] in the compute dtype (GQA: query head i uses kv head i // (N/K)); mask
-    [B,1,T,S] bool.
-
-    `causal=True` promises that the mask is causal by position (query i sees no key j > i, S = T): the
-    "einsum" path then cuts the queries into blocks that skip the keys after them (`causal_blocks`).
-    Rows with no visible key at all (padding) are the one difference: they average over their block's
-    keys instead of all keys; such rows are never seen by any other row.
-
-    "einsum" mirrors transformers' eager path in the forward (scores in the compute dtype plus an additive
-    mask of the dtype's min, softmax in fp32, cast back); its backward is written out flash-style (see
-    `_attention_core`); "cudnn" is the fused flash kernel of `jax.nn.dot_product_attention` on GPU.
-    """
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    scale = h**-0.5
-    if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-    g = n // kh
-    # head-major operands (q [B, K, G, T, H], k/v [B, K, S, H]): batched matmuls in the canonical layout
-    # (XLA:CPU otherwise transposes the [.., T, S] scores around each dot: attention fwd+bwd 36 -> 13 ms per
-    # layer of the `small` preset); 5-D scores throughout, so the backward keeps a single copy of the probs
-    q = jnp.transpose(q.reshape(b, t, kh, g, h), (0, 2, 3, 1, 4))
-    k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
-    if not causal:
-        out = _attention_core(q, k, v, mask, scale)
-    else:
-        bounds = causal_blocks(t)
-        out = jnp.concatenate([
-            _attention_core(q[:, :, :, lo:hi], k[:, :, :hi], v[:, :, :hi], mask[:, :, lo:hi, :hi], scale)
-            for lo, hi in zip(bounds[:-1], bounds[1:])
-        ], axis=3)
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
-
-
-def causal_blocks(t: int, min_rows: int = 64, max_blocks: int = 8) -> list[int]:
-    """Query block bounds [0, ..., t] for causal attention: block i attends only to keys before its end, so
-    n blocks skip (n - 1) / 2n of the scores. At least `min_rows` rows a block (smaller dots lose more
-    than they skip), at most `max_blocks` (the blocks are unrolled). Measured on CPU, fwd+bwd of one layer of
-    the `small` preset at T = 256: 16.4 ms in one block, 10.5 ms in 2, 7.0 ms in 4."""
-    n = max(1, min(max_blocks, t // min_rows))
-    return [t * i // n for i in range(n + 1)]
-
-
-def _scores(q, k, mask, scale):
-    """Masked scores [B, K, G, T, S] in the compute dtype: q [B, K, G, T, H] . k [B, K, S, H] * scale + mask bias."""
-    dtype = q.dtype
-    scores = jnp.einsum("bkgth,bksh->bkgts", q, k) * jnp.asarray(scale, dtype)
-    return scores + jnp.where(mask, 0, jnp.finfo(dtype).min).astype(dtype)[:, :, None]
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention_core(q, k, v, mask, scale):
-    """softmax(scores) @ v, head-major; the softmax in fp32 and cast back to the compute dtype.
-
-    The backward recomputes the probabilities from q, k and the saved row max and normaliser instead of
-    keeping [T, S] probabilities per layer, and gets the softmax's row term from out . d_out (one reduction
-    over H, not S). On CPU the SFT step of the `small` preset went 0.40 -> 0.36 s; the memory saved is
-    B x heads x T x S per layer (at T = 4096 with 28 heads, 1.9 GB per row and layer in fp32)."""
-    return _attention_core_fwd(q, k, v, mask, scale)[0]
-
-
-def _attention_core_fwd(q, k, v, mask, scale):
-    scores = _scores(q, k, mask, scale).astype(jnp.float32)
-    top = jnp.max(scores, axis=-1, keepdims=True)
-    e = jnp.exp(scores - top)
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    probs = (e / total).astype(q.dtype)
-    out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
-    # the max and the log-normaliser kept apart: in a fully masked row (scores near the dtype's min) their
-    # sum would round to the max and lose the normaliser
-    return out, (q, k, v, mask, top, jnp.log(total), out)
-
-
-def _attention_core_bwd(scale, res, g):
-    q, k, v, mask, top, log_total, out = res
-    probs = jnp.exp(_scores(q, k, mask, scale).astype(jnp.float32) - top - log_total)
-    dv = jnp.einsum("bkgts,bkgth->bksh", probs.astype(q.dtype), g)
-    dp = jnp.einsum("bkgth,bksh->bkgts", g, v).astype(jnp.float32)
-    delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    ds = (probs * (dp - delta)).astype(q.dtype) * jnp.asarray(scale, q.dtype)
-    dq = jnp.einsum("bkgts,bksh->bkgth", ds, k)
-    dk = jnp.einsum("bkgts,bkgth->bksh", ds, q)
-    return dq, dk, dv, None
-
-
-_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
-
-
-def resolve_attention(cfg: ModelConfig, decoding: bool) -> str:
-    if cfg.attention != "auto":
-        return cfg.attention
-    fused_ok = jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16") and not decoding
-    return "cudnn" if fused_ok else "einsum"
-
-
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_kv=None, layer=None, cache_index=None):
         """cache_kv: the whole stacked cache (k, v) [layers, B, S, K, H]; this layer writes its new k/v
-        in place at (layer, :, cache_index) and attends over its own slice."""
+        in place at (layer, :, cache_index) and attends over its own slice under `mask` [B, 1, T, S].
+        Without a cache, `mask` is the segment ids [B, T] (`attention.attention`)."""
         tc, dtype, pdt = self.cfg.text, as_dtype(self.cfg.dtype), as_dtype(self.cfg.param_dtype)
         b, t, _ = x.shape
         hd = tc.head_dim
@@ -171,9 +69,10 @@ class Attention(nn.Module):
             new_kv = (ck, cv)
             k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(dtype)
             v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(dtype)
-        impl = resolve_attention(self.cfg, decoding=cache_kv is not None)
-        # without a cache the mask is causal over the same T slots (`attention_mask` with equal indices)
-        out = dot_product_attention(q, k, v, mask, impl, causal=cache_kv is None)
+        if cache_kv is None:  # `mask` is then the segment ids [B, T]: causal attention within segments
+            out = attention(q, k, v, mask, impl=resolve_attention(self.cfg.attention, False, self.cfg.dtype))
+        else:
+            out = dot_product_attention(q, k, v, mask, "einsum")
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         out = Dense(tc.hidden_size, ("heads", "embed"), False, dtype, pdt, name="o_proj")(out.reshape(b, t, -1))
         return out, new_kv
@@ -243,9 +142,7 @@ class TextModel(nn.Module):
         cos, sin = text_rotary(positions, self.cfg.text, dtype)
         h = nn.with_logical_constraint(embeds.astype(dtype), ("act_batch", "act_length", "act_embed"))
         if cache is None:
-            idx = jnp.arange(t)
-            mask = attention_mask(segment_ids, segment_ids, idx, idx)
-            (h, _), _ = self.layers((h, None), self.layer_ids(), cos, sin, mask, None)
+            (h, _), _ = self.layers((h, None), self.layer_ids(), cos, sin, segment_ids, None)
             return self.norm(h), None
         start = cache["index"]
         kv_segment = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, start))
