@@ -15,33 +15,17 @@ import numpy as np
 
 from xr_jax.eval.runner import EvalPrompt, Generation
 
-FORCED_TEXT = "</think>"
-
-
-def token_byte_table(tokenizer, vocab_size: int) -> list[bytes]:
-    """Each model-vocabulary id's bytes (b"" for padded ids the tokenizer does not have)."""
-    table = []
-    for i in range(vocab_size):
-        try:
-            table.append(tokenizer.token_bytes(i))
-        except (KeyError, ValueError, IndexError):
-            table.append(b"")
-    return table
-
-
 class ModelGenerator:
     """`Generator` over a Qwen2.5-VL model: `params` placed on `mesh` (or host arrays without one)."""
 
-    def __init__(self, model_cfg, params, tokenizer, *, mesh=None, image_config=None, system: Optional[str] = None,
-                 forced_text: str = FORCED_TEXT):
+    def __init__(self, model_cfg, params, tokenizer, *, mesh=None, image_config=None, system: Optional[str] = None):
         from xr_jax.data.images import ImageConfig
         from xr_jax.sampling.sampler import ForcedExit
 
         self.model_cfg, self.params, self.tokenizer, self.mesh = model_cfg, params, tokenizer, mesh
         self.image_config = image_config or ImageConfig()
         self.system = system
-        vocab = model_cfg.text.vocab_size
-        self.forced_exit = ForcedExit.build(tokenizer.encode(forced_text), token_byte_table(tokenizer, vocab), vocab)
+        self.forced_exit = ForcedExit.from_tokenizer(tokenizer, model_cfg.text.vocab_size)
         self._samplers: dict[Any, Any] = {}
 
     @property
