@@ -1,4 +1,5 @@
-"""The real evaluation `Generator`: chat template and image preprocessing, then the jitted sampler.
+"""The runner's generation seam (`EvalPrompt` in, `Generation`s out) and the real `Generator`: chat template
+and image preprocessing, then the jitted sampler.
 
 A prompt becomes the Qwen2.5-VL chat (default system message, then the user turn with its images first,
 as in the X-Reasoner model card), `<|image_pad|>` runs expanded to each image's patch count, and token
@@ -9,11 +10,44 @@ configuration, so a suite of benchmarks compiles once per prompt-length bucket.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import dataclasses
+from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
-from xr_jax.eval.runner import EvalPrompt, Generation
+
+@dataclasses.dataclass(frozen=True)
+class EvalPrompt:
+    """One question as the model sees it: the user-turn text (template applied) and its images."""
+
+    id: str
+    text: str
+    images: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One sampled response. num_tokens counts every output token (forced ones included)."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str
+    forced: bool
+
+
+class Generator(Protocol):
+    def generate(
+        self, prompts: Sequence[EvalPrompt], *, greedy: bool, temperature: float, num_samples: int,
+        max_think: Optional[int], max_answer: int, max_new_tokens: int, seed: int,
+    ) -> list[list[Generation]]:
+        """`num_samples` generations per prompt. max_think None: no forced exit, `max_new_tokens` cap."""
+        ...
+
+    @property
+    def exit_len(self) -> int:
+        """Tokens written at forced exit (3 for `</think>` in Qwen2.5)."""
+        ...
+
 
 class ModelGenerator:
     """`Generator` over a Qwen2.5-VL model: `params` placed on `mesh` (or host arrays without one)."""
