@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh
 
 from xr_jax import parallel
-from xr_jax.config import OptimSection
+from xr_jax.config import ConfigError, OptimSection, to_dict
 from xr_jax.models import presets
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import init_params
@@ -114,8 +114,6 @@ class Run:
               put_batch: Callable[[dict], dict], close: Callable[[], None] = lambda: None, **loop_kwargs) -> dict:
         """The loop with the run's logger and checkpointer (both closed after, with `close`), then the export;
         returns the last step's metrics. `loop_kwargs`: `run_loop`'s FLOP accounting."""
-        from xr_jax.config import to_dict
-
         config = self.config
         config_dict = to_dict(config)
         lg = config.logging
@@ -180,8 +178,6 @@ def make_source(config):
     if d.source == "synthetic":
         return synthetic_source(d.synthetic)
     if d.path is None:
-        from xr_jax.config import ConfigError
-
         raise ConfigError(f"data.source {d.source!r} needs data.path (a file, directory or hub id)")
     return sources.load_source(d.path, d.source, split=d.split)
 
