@@ -32,9 +32,9 @@ from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
 from xr_jax.rewards.choice import reward_ground_truth
 from xr_jax.sampling.sampler import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig, cast_params, prepare_prompts
+from xr_jax.train import setup
 from xr_jax.train.grpo_loss import AGGREGATIONS, GRPOLossConfig, group_advantages, grpo_loss
 from xr_jax.train.losses import target_logprobs_and_lse
-from xr_jax.train import setup
 from xr_jax.train.sft import compute_grads
 from xr_jax.train.state import TrainState, apply_update, schedule_count
 
