@@ -24,20 +24,17 @@ def xr_runner(cfg, params, prompts: np.ndarray, group: int, new: int):
     """Compile and warm up; returns `run() -> (rollout seconds, update seconds)`."""
     from xr_jax import parallel
     from xr_jax.config import OptimSection
-    from xr_jax.models.qwen2_5_vl import init_params
     from xr_jax.sampling.sampler import Prompt, Sampler, SamplingConfig, prepare_prompts
-    from xr_jax.train import grpo, state as state_lib
+    from xr_jax.train import grpo, setup
     from xr_jax.train.grpo_loss import GRPOLossConfig
 
     scfg = SamplingConfig(temperature=1.0, max_new_tokens=new, stop_ids=(), pad_id=0,
                           prompt_buckets=(prompts.shape[1],))
     sampler = Sampler(cfg, scfg)
     batch = prepare_prompts([Prompt(r) for r in prompts], cfg, scfg)
-    tx, schedule = state_lib.make_optimizer(OptimSection(lr=1e-6, schedule="constant"), 1000)
-    mesh = parallel.make_mesh((-1, 1, 1))
-    state = state_lib.state_from_params(params, tx, 0, state_lib.state_shardings(
-        tx, jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))), mesh))
-    update = jax.jit(grpo.make_update_step(cfg, tx, schedule, GRPOLossConfig(CLIP_LOW, CLIP_HIGH),
+    st = setup.state_setup(OptimSection(lr=1e-6, schedule="constant"), cfg, parallel.make_mesh((-1, 1, 1)), 1000)
+    state = st.fresh(0, params)
+    update = jax.jit(grpo.make_update_step(cfg, st.tx, st.schedule, GRPOLossConfig(CLIP_LOW, CLIP_HIGH),
                                            temperature=1.0, prompt_len=prompts.shape[1]), donate_argnums=0)
     adv = np.random.RandomState(0).randn(len(prompts) * group).astype(np.float32)
     holder = [state]

@@ -42,16 +42,14 @@ def jax_runner(cfg, batch: dict, warmup: int, microbatches: int, chunk: int):
     """Build and warm up the xr_jax step; returns `run(steps) -> seconds per step`."""
     from xr_jax import parallel
     from xr_jax.config import OptimSection
-    from xr_jax.models.qwen2_5_vl import init_params
-    from xr_jax.train import sft, state as state_lib
+    from xr_jax.train import setup, sft
 
     mesh = parallel.make_mesh((-1, 1, 1))
-    tx, schedule = state_lib.make_optimizer(OptimSection(lr=1e-5, schedule="constant"), 1000)
-    init = lambda k: init_params(cfg, k)  # noqa: E731
-    sh = state_lib.state_shardings(tx, jax.eval_shape(init, jax.random.PRNGKey(0)), mesh)
-    state = state_lib.init_state(init, tx, 0, sh)
-    step = sft.jit_train_step(
-        sft.make_train_step(cfg, tx, schedule, microbatches=microbatches, chunk=chunk, mesh=mesh, shardings=sh), mesh, sh)
+    st = setup.state_setup(OptimSection(lr=1e-5, schedule="constant"), cfg, mesh, 1000)
+    state = st.fresh(0)
+    step = sft.jit_train_step(sft.make_train_step(
+        cfg, st.tx, st.schedule, microbatches=microbatches, chunk=chunk, mesh=mesh, shardings=st.shardings),
+        mesh, st.shardings)
     gb = parallel.global_batch(batch, mesh)
     holder = [state]
 
@@ -70,14 +68,13 @@ def jax_runner(cfg, batch: dict, warmup: int, microbatches: int, chunk: int):
 def planned_bytes(cfg, batch: dict, chunk: int = 1024) -> int:
     """Per-device bytes XLA plans for the SFT step (arguments + outputs + temporaries - aliased), as
     `xr-jax plan` reports them, but compiled for the device at hand."""
+    from xr_jax import parallel
     from xr_jax.config import OptimSection
-    from xr_jax.models.qwen2_5_vl import init_params
-    from xr_jax.train import sft, state as state_lib
+    from xr_jax.train import setup, sft
 
-    tx, schedule = state_lib.make_optimizer(OptimSection(lr=1e-5, schedule="constant"), 1000)
-    abstract = jax.eval_shape(lambda: state_lib.init_state(lambda k: init_params(cfg, k), tx, 0, None))
-    step = jax.jit(sft.make_train_step(cfg, tx, schedule, chunk=chunk), donate_argnums=0)
-    m = step.lower(abstract, jax.eval_shape(lambda: batch)).compile().memory_analysis()
+    st = setup.state_setup(OptimSection(lr=1e-5, schedule="constant"), cfg, parallel.make_mesh((1, 1, 1)), 1000)
+    step = jax.jit(sft.make_train_step(cfg, st.tx, st.schedule, chunk=chunk), donate_argnums=0)
+    m = step.lower(st.abstract(), jax.eval_shape(lambda: batch)).compile().memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 

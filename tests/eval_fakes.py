@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from typing import Callable, Optional, Sequence
 
-from xr_jax.eval.runner import EvalPrompt, Generation, Scored
+from xr_jax.eval.generator import EvalPrompt, Generation
+from xr_jax.eval.runner import Scored
 
 
 class ScriptedGenerator:

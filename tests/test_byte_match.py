@@ -64,3 +64,22 @@ def test_bad_inputs_have_clear_errors():
         kmp_automaton(b"")
     with pytest.raises(ValueError, match="vocabulary is 3"):
         ByteMatcher.build(PATTERN, PIECES, vocab_size=3)
+
+
+def test_forced_exit_from_tokenizer_matches_the_text_the_tokenizer_writes():
+    """`ForcedExit.from_tokenizer`, the one way every caller builds it: the exit ids are the tokenizer's
+    `</think>`, ids past the tokenizer's vocabulary have no bytes, and the matcher finds `</think>` inside
+    tokenised text whatever it is glued to."""
+    from xr_jax.data.tokenizer import load_tokenizer
+    from xr_jax.sampling.byte_match import token_byte_table
+    from xr_jax.sampling.sampler import ForcedExit
+
+    tok = load_tokenizer("tiny")
+    vocab = tok.vocab_size + 5
+    table = token_byte_table(tok, vocab)
+    assert len(table) == vocab and table[tok.vocab_size:] == [b""] * 5
+    assert b"".join(table[i] for i in tok.encode("a</think>b")) == b"a</think>b"
+    fe = ForcedExit.from_tokenizer(tok, vocab)
+    assert fe.ids == tuple(tok.encode("</think>"))
+    assert fe.matcher.run(tok.encode("x.</think>\n\nanswer")) == fe.matcher.found
+    assert fe.matcher.run(tok.encode("x.</thin k>")) != fe.matcher.found

@@ -17,7 +17,7 @@ import pytest
 
 from tests.test_sft_resume import _assert_same, _state
 from xr_jax import parallel
-from xr_jax.checkpoints import training as checkpoint
+from xr_jax.checkpoints import integrity, training as checkpoint
 from xr_jax import config as config_lib
 from xr_jax.train import loop
 
@@ -42,9 +42,9 @@ def _saved(directory, states, config=None, manifests=True):
     ck.save(2, s2, {"index": 2}, config, force=True)
     ck.close()
     for step in (1, 2):
-        assert os.path.isfile(directory / str(step) / checkpoint.MANIFEST_FILE)
+        assert os.path.isfile(directory / str(step) / integrity.MANIFEST_FILE)
         if not manifests:
-            os.remove(directory / str(step) / checkpoint.MANIFEST_FILE)
+            os.remove(directory / str(step) / integrity.MANIFEST_FILE)
 
 
 def _largest_data_file(step_dir):
@@ -64,14 +64,14 @@ def _cli(*args):
 
 def test_a_second_run_is_refused_while_the_first_holds_the_directory(tmp_path):
     first = checkpoint.Checkpointer(str(tmp_path / "ck"), lock=True)
-    with pytest.raises(checkpoint.CheckpointLocked, match=f"pid {os.getpid()}"):
+    with pytest.raises(integrity.CheckpointLocked, match=f"pid {os.getpid()}"):
         checkpoint.Checkpointer(str(tmp_path / "ck"), lock=True)
     r = _cli("train.steps=2", f"checkpoint.dir={tmp_path / 'ck'}", f"logging.dir={tmp_path}")
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.count("\n") == 1 and "is in use by another run" in r.stderr
     assert f"host {socket.gethostname()}, pid {os.getpid()}, started " in r.stderr and "command: " in r.stderr
     first.close()
-    assert not os.path.exists(tmp_path / "ck" / checkpoint.LOCK_FILE)
+    assert not os.path.exists(tmp_path / "ck" / integrity.LOCK_FILE)
     checkpoint.Checkpointer(str(tmp_path / "ck"), lock=True).close()  # free again
 
 
@@ -84,19 +84,19 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
              {"host": me, "pid": os.getpid(), "pid_start": "1", "started": "then", "command": "reused", "token": "b"}]
     for holder in stale:
         os.makedirs(tmp_path, exist_ok=True)
-        with open(tmp_path / checkpoint.LOCK_FILE, "w") as f:
+        with open(tmp_path / integrity.LOCK_FILE, "w") as f:
             json.dump(holder, f)
-        with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoints.training"):
+        with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoints"):
             ck = checkpoint.Checkpointer(str(tmp_path), lock=True)
         assert "took over the stale lock" in caplog.text and holder["command"] in caplog.text
-        with open(tmp_path / checkpoint.LOCK_FILE) as f:
+        with open(tmp_path / integrity.LOCK_FILE) as f:
             assert json.load(f)["pid"] == os.getpid()
         ck.close()
         caplog.clear()
     # a holder on another host cannot be checked from here: it keeps the directory
-    with open(tmp_path / checkpoint.LOCK_FILE, "w") as f:
+    with open(tmp_path / integrity.LOCK_FILE, "w") as f:
         json.dump({"host": me + "-elsewhere", "pid": dead.pid, "started": "then", "command": "x", "token": "c"}, f)
-    with pytest.raises(checkpoint.CheckpointLocked, match="if that run is dead, delete"):
+    with pytest.raises(integrity.CheckpointLocked, match="if that run is dead, delete"):
         checkpoint.Checkpointer(str(tmp_path), lock=True)
 
 
@@ -119,13 +119,13 @@ def _resume(tmp_path, states, *overrides):
 def test_resuming_with_another_config_is_refused_unless_safe_or_allowed(tmp_path, states, caplog):
     saved = config_lib.to_dict(config_lib.load(TINY_SFT, [f"checkpoint.dir={tmp_path / 'ck'}"]))
     _saved(tmp_path / "ck", states, config=saved)
-    with pytest.raises(checkpoint.ConfigChanged) as e:
+    with pytest.raises(integrity.ConfigChanged) as e:
         _resume(tmp_path, states, "optim.lr=0.002", "train.seed=3", "data.synthetic.max_operand=7")
     msg = str(e.value)
     assert "\n" not in msg and "optim.lr (0.001 -> 0.002)" in msg and "train.seed (0 -> 3)" in msg
     assert "data.synthetic.max_operand" in msg
     assert "checkpoint.allow_config_change=[data.synthetic.max_operand,optim.lr,train.seed]" in msg
-    assert not os.path.exists(tmp_path / "ck" / checkpoint.LOCK_FILE)  # the refused run released the lock
+    assert not os.path.exists(tmp_path / "ck" / integrity.LOCK_FILE)  # the refused run released the lock
     # keys documented as safe: the run's length, logging, cadence, memory knobs
     with caplog.at_level(logging.INFO, logger="xr_jax.train"):
         state, batches = _resume(tmp_path, states, "train.steps=40", "logging.dir=/elsewhere", "checkpoint.keep=9",
@@ -136,15 +136,15 @@ def test_resuming_with_another_config_is_refused_unless_safe_or_allowed(tmp_path
     # an explicit override: a list of keys / sections, or true
     _resume(tmp_path, states, "optim.lr=0.002", "checkpoint.allow_config_change=[optim]")
     _resume(tmp_path, states, "optim.lr=0.002", "train.seed=3", "checkpoint.allow_config_change=true")
-    with pytest.raises(checkpoint.ConfigChanged, match=r"train\.seed") as e:
+    with pytest.raises(integrity.ConfigChanged, match=r"train\.seed") as e:
         _resume(tmp_path, states, "optim.lr=0.002", "train.seed=3", "checkpoint.allow_config_change=[optim.lr]")
     assert "optim.lr" not in str(e.value)
 
 
 def test_a_key_an_older_checkpoint_lacks_counts_as_its_default():
     defaults = {"a": {"x": 1, "y": 2}}
-    assert checkpoint.config_changes({"a": {"x": 1}}, {"a": {"x": 1, "y": 2}}, defaults) == {}
-    assert checkpoint.config_changes({"a": {"x": 1}}, {"a": {"x": 1, "y": 3}}, defaults) == {"a.y": (2, 3)}
+    assert integrity.config_changes({"a": {"x": 1}}, {"a": {"x": 1, "y": 2}}, defaults) == {}
+    assert integrity.config_changes({"a": {"x": 1}}, {"a": {"x": 1, "y": 3}}, defaults) == {"a.y": (2, 3)}
 
 
 # ----------------------------------------------------------------------------- corruption
@@ -165,12 +165,12 @@ def _zero_where_orbax_does_not_notice(directory, step, abstract, saved_state):
     for frac in np.linspace(0.05, 0.95, 19):
         probe = directory.parent / f"probe-{frac:.2f}"
         shutil.copytree(directory, probe)
-        os.remove(probe / str(step) / checkpoint.MANIFEST_FILE)
+        os.remove(probe / str(step) / integrity.MANIFEST_FILE)
         where = int(os.path.getsize(victim) * frac)
         _zero_64(probe / os.path.relpath(victim, directory), where)
         try:
             got = checkpoint.Checkpointer(str(probe)).restore(abstract, step=step)
-        except checkpoint.CheckpointError:
+        except integrity.CheckpointError:
             continue
         finally:
             shutil.rmtree(probe)
@@ -189,7 +189,7 @@ def test_zeroed_bytes_are_detected_and_the_previous_step_restored(tmp_path, stat
     assert wrong > 0  # what a restore without checksums gives: step 2 with wrong values, no message
     ck = checkpoint.Checkpointer(str(tmp_path / "ck"), keep=5)
     caplog.clear()  # the probes' warnings
-    with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoints.training"):
+    with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoints"):
         got = ck.restore(abstract)
     assert got.step == 1 and got.data_state == {"index": 1}
     _assert_same(got.state, s1)
@@ -198,9 +198,9 @@ def test_zeroed_bytes_are_detected_and_the_previous_step_restored(tmp_path, stat
     assert f"step 2 is corrupt (checksum mismatch in {rel})" in record.getMessage()
     assert "restored step 1 instead" in record.getMessage()
     # kept for inspection, out of Orbax's listing
-    (moved,) = os.listdir(tmp_path / "ck" / checkpoint.CORRUPT_DIR)
+    (moved,) = os.listdir(tmp_path / "ck" / integrity.CORRUPT_DIR)
     assert moved.startswith("2-") and ck.steps() == [1]
-    assert checkpoint.verify_manifest(str(tmp_path / "ck" / "1")) is None
+    assert integrity.verify_manifest(str(tmp_path / "ck" / "1")) is None
 
 
 def test_a_truncated_latest_step_is_moved_aside_and_saved_again(tmp_path, states, caplog):
@@ -209,7 +209,7 @@ def test_a_truncated_latest_step_is_moved_aside_and_saved_again(tmp_path, states
     victim = _largest_data_file(tmp_path / "2" / "state")
     os.truncate(victim, os.path.getsize(victim) // 2)
     ck = checkpoint.Checkpointer(str(tmp_path), keep=5, async_save=False)
-    with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoints.training"):
+    with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoints"):
         got = ck.restore(abstract)
     assert got.step == 1
     (record,) = caplog.records
@@ -219,13 +219,13 @@ def test_a_truncated_latest_step_is_moved_aside_and_saved_again(tmp_path, states
     assert ck.save(2, s2, {"index": 2}, None, force=True)
     ck.close()
     again = checkpoint.Checkpointer(str(tmp_path)).restore(abstract)
-    assert again.step == 2 and checkpoint.verify_manifest(str(tmp_path / "2")) is None
+    assert again.step == 2 and integrity.verify_manifest(str(tmp_path / "2")) is None
     _assert_same(again.state, s2)
 
 
 def test_a_directory_with_nothing_usable_gives_one_line(tmp_path, states):
     _saved(tmp_path / "ck", states)
-    os.remove(tmp_path / "ck" / "2" / checkpoint.MANIFEST_FILE)  # step 2: Orbax reads the damage; 1: checksums
+    os.remove(tmp_path / "ck" / "2" / integrity.MANIFEST_FILE)  # step 2: Orbax reads the damage; 1: checksums
     for step in (1, 2):
         for root, _, files in os.walk(tmp_path / "ck" / str(step) / "state"):
             for name in files:

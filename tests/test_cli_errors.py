@@ -105,7 +105,7 @@ def test_user_error_is_one_line_and_exit_2(tmp_path, hf_model, capsys, case, arg
 
 def test_checkpoint_error_of_the_checkpoint_module_is_a_user_error(tmp_path, capsys, monkeypatch):
     """checkpoint.CheckpointError (e.g. no readable checkpoint in checkpoint.dir) is one line and exit 2 like
-    the model loader's CheckpointError: which directories raise it is the checkpoint module's business."""
+    the model loader's ModelCheckpointError: which directories raise it is the checkpoint module's business."""
     def unreadable(self, *args, **kwargs):
         raise checkpoint.CheckpointError(f"no readable checkpoint: checkpoint step 1 in {self.directory} is unreadable")
 

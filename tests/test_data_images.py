@@ -134,7 +134,7 @@ def test_resolution_settings_set_image_grid_thw_as_transformers(tmp_path):
     from xr_jax.data.tokenizer import load_tokenizer
     from xr_jax.eval.generator import ModelGenerator
     from xr_jax.models.config import tiny_vl_config
-    from xr_jax.train.sft import image_config
+    from xr_jax.train.setup import image_config
 
     tok = load_tokenizer("tiny")
     base = tiny_vl_config()

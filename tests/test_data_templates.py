@@ -92,17 +92,17 @@ def test_run_config_sets_prompt_template_and_system_message():
     """`data.prompt_template` and `data.system` reach the SFT rows and the GRPO prompts."""
     from xr_jax import config as config_lib
     from xr_jax.data.tokenizer import load_tokenizer
-    from xr_jax.train import grpo, sft
+    from xr_jax.train import grpo, setup, sft
 
     tok = load_tokenizer("tiny")
     base = ["data.source=synthetic", "model.tokenizer=tiny", "data.synthetic.num_examples=4", "data.pack=false",
             "data.shuffle=false", "train.batch_size=2", "train.seq_len=256", "train.steps=1", "data.prompt_template=think"]
     for system, expected in ((None, templates.DEFAULT_SYSTEM_MESSAGE), ("", "")):
         cfg = config_lib.load(None, base + ([] if system is None else [f"data.system={system}"]))
-        expression = sft.make_source(cfg)[0].meta["expression"]
+        expression = setup.make_source(cfg)[0].meta["expression"]
         prefix = (f"<|im_start|>system\n{expected}<|im_end|>\n<|im_start|>user\n"
                   f"Think step by step. What is {expression}?<|im_end|>\n<|im_start|>assistant\n")
-        row = next(sft.make_batches(cfg, sft.build_model(cfg, None, tok)[0], tok))["input_ids"][0]
+        row = next(sft.make_batches(cfg, setup.build_model(cfg, None, tok)[0], tok))["input_ids"][0]
         assert tok.decode([t for t in row if t != tok.special.pad]).startswith(prefix)
         prompts = next(grpo.load_prompts(cfg, tok))
         assert tok.decode([t for t in prompts["prompt_ids"][0] if t != tok.special.pad]) == prefix

@@ -223,7 +223,7 @@ def test_grpo_epochs_count_usable_prompts_and_warm_up_over_all_epochs(tmp_path, 
     epochs = _epochs_of_batches(P.rl_pipeline(src, tok, grpo.prompt_batch_config(cfg, plan), process_index=0,
                                               process_count=1))
     assert [epochs.count(e) for e in range(3)] == [usable // 4] * 3
-    updates = plan.scaled(2)  # two optimizer updates per rollout step
+    updates = plan.scaled(grpo.updates_per_step(cfg.grpo))  # 2 minibatches x 1 pass: two updates per rollout step
     schedule = make_schedule(cfg.optim, updates.schedule_steps, updates.epoch_steps)
     warmup = int(0.1 * 2 * plan.total)  # the paper's 10% of all steps of all 3 epochs
     assert float(schedule(warmup)) == pytest.approx(cfg.optim.lr) and float(schedule(warmup - 1)) < cfg.optim.lr

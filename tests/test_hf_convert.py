@@ -92,18 +92,18 @@ def _broken_copy(src, dst, edit):
 
 def test_errors_name_the_problem(text_ckpt, tmp_path):
     path, _ = text_ckpt
-    with pytest.raises(hf.CheckpointError, match="no config.json"):
+    with pytest.raises(hf.ModelCheckpointError, match="no config.json"):
         hf.load_hf(str(tmp_path))
     bad_type = tmp_path / "llama"
     bad_type.mkdir()
     (bad_type / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(hf.CheckpointError, match="model_type 'llama'"):
+    with pytest.raises(hf.ModelCheckpointError, match="model_type 'llama'"):
         hf.load_hf(str(bad_type))
     missing = _broken_copy(path, str(tmp_path / "missing"), lambda t: t.pop("model.norm.weight"))
-    with pytest.raises(hf.CheckpointError, match="missing tensors for: model/norm/scale"):
+    with pytest.raises(hf.ModelCheckpointError, match="missing tensors for: model/norm/scale"):
         hf.load_hf(missing)
     extra = _broken_copy(path, str(tmp_path / "extra"), lambda t: t.update({"model.extra.weight": np.ones((2, 2), np.float32)}))
-    with pytest.raises(hf.CheckpointError, match="unexpected tensors: model.extra.weight"):
+    with pytest.raises(hf.ModelCheckpointError, match="unexpected tensors: model.extra.weight"):
         hf.load_hf(extra)
 
     def shrink(t):
@@ -111,7 +111,7 @@ def test_errors_name_the_problem(text_ckpt, tmp_path):
         t["model.layers.0.mlp.up_proj.weight"] = np.ones((100, 64), np.float32)
 
     wrong = _broken_copy(path, str(tmp_path / "shape"), shrink)
-    with pytest.raises(hf.CheckpointError, match=r"model.layers.0.mlp.up_proj.weight has shape \(2, 64, 100\).*needs \(2, 64, 128\)"):
+    with pytest.raises(hf.ModelCheckpointError, match=r"model.layers.0.mlp.up_proj.weight has shape \(2, 64, 100\).*needs \(2, 64, 128\)"):
         hf.load_hf(wrong)
 
 

@@ -18,7 +18,7 @@ from xr_jax.data.random_tokens import RandomTokenBatches
 from xr_jax.errors import EXIT_RESUMABLE, RunStopped
 from xr_jax.models.presets import preset
 from xr_jax.models.qwen2_5_vl import init_params
-from xr_jax.train import loop, sft, state as state_lib
+from xr_jax.train import loop, setup, sft, state as state_lib
 
 
 def test_non_finite_step_keeps_params_and_optimizer_state():
@@ -138,9 +138,9 @@ def test_export_is_replaced_only_by_a_complete_one(tmp_path):
                 raise OSError("disk full")
         return fn
 
-    assert sft.write_atomically(str(out), write("v1")) == str(out)
+    assert setup.write_atomically(str(out), write("v1")) == str(out)
     with pytest.raises(OSError, match="disk full"):
-        sft.write_atomically(str(out), write("broken"))
+        setup.write_atomically(str(out), write("broken"))
     assert (out / "a.txt").read_text() == "v1"  # the failed export left the previous one as it was
-    sft.write_atomically(str(out), write("v2"))
+    setup.write_atomically(str(out), write("v2"))
     assert (out / "a.txt").read_text() == "v2" and sorted(os.listdir(tmp_path)) == ["model"]

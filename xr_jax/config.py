@@ -145,7 +145,7 @@ class CheckpointSection:
     """dir None disables checkpoints. every: steps between saves (also at the end and on SIGTERM/SIGINT).
     keep: how many recent checkpoints stay on disk. async_save: write in a background thread.
     allow_config_change: resume although these keys (or sections) differ from the checkpoint's config
-    (true: any key); keys in `checkpoint.SAFE_TO_CHANGE` never need it (docs/checkpoints.md)."""
+    (true: any key); keys in `checkpoints.integrity.SAFE_TO_CHANGE` never need it (docs/checkpoints.md)."""
 
     dir: Optional[str] = None
     every: int = 100

@@ -115,7 +115,7 @@ def save_model(out_dir: str, cfg: ModelConfig, params, source: Optional[str] = N
 def load_model(path: str, mesh=None, **runtime) -> tuple[ModelConfig, dict]:
     """(config, params) from an xr_jax model checkpoint, placed on `mesh` by the logical rules (or one device)."""
     if not is_model_checkpoint(path):
-        raise hf.CheckpointError(f"{path!r} is not an xr_jax model checkpoint (needs {PARAMS_DIR}/ and {CONFIG_FILE})")
+        raise hf.ModelCheckpointError(f"{path!r} is not an xr_jax model checkpoint (needs {PARAMS_DIR}/ and {CONFIG_FILE})")
     with open(os.path.join(path, CONFIG_FILE)) as f:
         cfg = config_from_dict(json.load(f)).replace(**runtime)
     target = abstract_params(cfg)

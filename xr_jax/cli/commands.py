@@ -189,7 +189,6 @@ def _build_sampler(args: argparse.Namespace, tokenizer):
     """The model (one device) and a `Sampler` for the command's decoding options."""
     from xr_jax.sampling import chat as cs
     from xr_jax.checkpoints import convert
-    from xr_jax.eval.generator import FORCED_TEXT, token_byte_table
     from xr_jax.sampling.sampler import ForcedExit, Sampler, SamplingConfig
 
     print(f"loading {args.model}", file=sys.stderr)
@@ -202,11 +201,8 @@ def _build_sampler(args: argparse.Namespace, tokenizer):
         max_think=args.max_think, max_answer=256 if args.max_answer is None else args.max_answer,
         stop_ids=tuple(special.stop_ids), pad_id=special.pad,
     )
-    vocab = cfg.text.vocab_size
     try:
-        forced = None
-        if args.max_think is not None:
-            forced = ForcedExit.build(tokenizer.encode(FORCED_TEXT), token_byte_table(tokenizer, vocab), vocab)
+        forced = None if args.max_think is None else ForcedExit.from_tokenizer(tokenizer, cfg.text.vocab_size)
         return Sampler(cfg, scfg, forced), params
     except ValueError as e:  # bad decoding options, or a tokenizer whose ids do not fit the model
         raise cs.ChatError(str(e)) from None

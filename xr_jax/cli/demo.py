@@ -73,7 +73,6 @@ def evaluate(model_dir: str, task: str, n: int, pool, template: str = "think", s
     from xr_jax.data import pipeline
     from xr_jax.data.synthetic import SyntheticConfig, make_problem, statement, synthetic_source
     from xr_jax.data.tokenizer import load_tokenizer
-    from xr_jax.eval.generator import token_byte_table
     from xr_jax.sampling.sampler import ForcedExit, Prompt, Sampler, SamplingConfig
 
     tok = load_tokenizer("tiny")
@@ -88,8 +87,7 @@ def evaluate(model_dir: str, task: str, n: int, pool, template: str = "think", s
         answers.append(enc["answer"])
     sampling = SamplingConfig(temperature=0.0, max_think=MAX_THINK, max_answer=MAX_ANSWER,
                               stop_ids=tok.special.stop_ids, pad_id=tok.special.pad, prompt_buckets=(128, 256))
-    forced = ForcedExit.build(tok.encode("</think>"), token_byte_table(tok, cfg.text.vocab_size), cfg.text.vocab_size)
-    out = Sampler(cfg, sampling, forced).generate(params, prompts)
+    out = Sampler(cfg, sampling, ForcedExit.from_tokenizer(tok, cfg.text.vocab_size)).generate(params, prompts)
     texts = [tok.decode([t for t in out.row_ids(i) if t < tok.vocab_size], skip_special_tokens=True) for i in range(n)]
     scores, _ = pool.score_batch("math", texts, answers)
     accuracy = float(np.mean(scores))

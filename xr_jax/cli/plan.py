@@ -284,8 +284,7 @@ def measure(config, layout: Layout, stage: str = "sft", compile: bool = True) ->
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from xr_jax import parallel
-    from xr_jax.models.qwen2_5_vl import init_params
-    from xr_jax.train import grpo, sft, state as state_lib
+    from xr_jax.train import grpo, setup, sft
 
     out = Measurement(layout)
     shape = step_shape(config, stage)
@@ -302,12 +301,10 @@ def measure(config, layout: Layout, stage: str = "sft", compile: bool = True) ->
         out.error = str(e)
         return out
     tr = config.train
-    frozen = ("visual",) if tr.freeze_vision and cfg.vision is not None else ()
     # The optimizer state's shapes do not depend on the schedule: counted epochs (total_steps None) need no data.
-    tx, schedule = state_lib.make_optimizer(config.optim, config.total_steps or 1, None, frozen)
-    init = lambda key: init_params(cfg, key)  # noqa: E731
-    shardings = state_lib.state_shardings(tx, jax.eval_shape(init, jax.random.PRNGKey(0)), mesh)
-    state = state_lib.abstract_state(init, tx, shardings)
+    st = setup.state_setup(config.optim, cfg, mesh, config.total_steps or 1, None, setup.frozen_subtrees(tr, cfg))
+    tx, schedule, shardings, frozen = st.tx, st.schedule, st.shardings, st.frozen
+    state = st.abstract()
     n, t = shape.rows, shape.seq_len
     if stage == "grpo":
         g = config.grpo

@@ -1,4 +1,5 @@
-"""The real evaluation `Generator`: chat template and image preprocessing, then the jitted sampler.
+"""The runner's generation seam (`EvalPrompt` in, `Generation`s out) and the real `Generator`: chat template
+and image preprocessing, then the jitted sampler.
 
 A prompt becomes the Qwen2.5-VL chat (default system message, then the user turn with its images first,
 as in the X-Reasoner model card), `<|image_pad|>` runs expanded to each image's patch count, and token
@@ -9,39 +10,56 @@ configuration, so a suite of benchmarks compiles once per prompt-length bucket.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import dataclasses
+from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
-from xr_jax.eval.runner import EvalPrompt, Generation
 
-FORCED_TEXT = "</think>"
+@dataclasses.dataclass(frozen=True)
+class EvalPrompt:
+    """One question as the model sees it: the user-turn text (template applied) and its images."""
+
+    id: str
+    text: str
+    images: tuple = ()
 
 
-def token_byte_table(tokenizer, vocab_size: int) -> list[bytes]:
-    """Each model-vocabulary id's bytes (b"" for padded ids the tokenizer does not have)."""
-    table = []
-    for i in range(vocab_size):
-        try:
-            table.append(tokenizer.token_bytes(i))
-        except (KeyError, ValueError, IndexError):
-            table.append(b"")
-    return table
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One sampled response. num_tokens counts every output token (forced ones included)."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str
+    forced: bool
+
+
+class Generator(Protocol):
+    def generate(
+        self, prompts: Sequence[EvalPrompt], *, greedy: bool, temperature: float, num_samples: int,
+        max_think: Optional[int], max_answer: int, max_new_tokens: int, seed: int,
+    ) -> list[list[Generation]]:
+        """`num_samples` generations per prompt. max_think None: no forced exit, `max_new_tokens` cap."""
+        ...
+
+    @property
+    def exit_len(self) -> int:
+        """Tokens written at forced exit (3 for `</think>` in Qwen2.5)."""
+        ...
 
 
 class ModelGenerator:
     """`Generator` over a Qwen2.5-VL model: `params` placed on `mesh` (or host arrays without one)."""
 
-    def __init__(self, model_cfg, params, tokenizer, *, mesh=None, image_config=None, system: Optional[str] = None,
-                 forced_text: str = FORCED_TEXT):
+    def __init__(self, model_cfg, params, tokenizer, *, mesh=None, image_config=None, system: Optional[str] = None):
         from xr_jax.data.images import ImageConfig
         from xr_jax.sampling.sampler import ForcedExit
 
         self.model_cfg, self.params, self.tokenizer, self.mesh = model_cfg, params, tokenizer, mesh
         self.image_config = image_config or ImageConfig()
         self.system = system
-        vocab = model_cfg.text.vocab_size
-        self.forced_exit = ForcedExit.build(tokenizer.encode(forced_text), token_byte_table(tokenizer, vocab), vocab)
+        self.forced_exit = ForcedExit.from_tokenizer(tokenizer, model_cfg.text.vocab_size)
         self._samplers: dict[Any, Any] = {}
 
     @property

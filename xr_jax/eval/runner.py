@@ -6,7 +6,8 @@ or k samples at temperature 0.3 (avg@k, maj@k, pass@k), output capped at 4,096 t
 
 The runner talks to the model through two small seams, so that it can be tested with injected responses:
 - a `Generator` turns `EvalPrompt`s (user-turn text + images) into `Generation`s (text, token count,
-  finish reason, forced flag); `xr_jax.eval.generator.ModelGenerator` is the real one (tokenizer + sampler);
+  finish reason, forced flag); `xr_jax.eval.generator` defines the seam and `ModelGenerator`, the real one
+  (tokenizer + sampler);
 - a `Scorer` turns (item, response) pairs into `Scored` (extracted answer, vote key, correct);
   `RewardScorer` uses the project's reward functions in their worker pool.
 
@@ -41,13 +42,12 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
-from xr_jax.eval import benchmarks as bm
 from xr_jax.data import images as images_lib
 from xr_jax.errors import UserError, check_writable_dir
-
-FINISH_REASONS = ("eos", "forced_exit", "length")
+from xr_jax.eval import benchmarks as bm
+from xr_jax.eval.generator import EvalPrompt, Generator, ModelGenerator
 PREDICTIONS_FILE = "predictions.jsonl"
 SETTINGS_FILE = "generation.json"
 
@@ -157,39 +157,6 @@ def source_spec(cfg: EvalSection, name: str) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalPrompt:
-    """One question as the model sees it: the user-turn text (template applied) and its images."""
-
-    id: str
-    text: str
-    images: tuple = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """One sampled response. num_tokens counts every output token (forced ones included)."""
-
-    text: str
-    num_tokens: int
-    finish_reason: str
-    forced: bool
-
-
-class Generator(Protocol):
-    def generate(
-        self, prompts: Sequence[EvalPrompt], *, greedy: bool, temperature: float, num_samples: int,
-        max_think: Optional[int], max_answer: int, max_new_tokens: int, seed: int,
-    ) -> list[list[Generation]]:
-        """`num_samples` generations per prompt. max_think None: no forced exit, `max_new_tokens` cap."""
-        ...
-
-    @property
-    def exit_len(self) -> int:
-        """Tokens written at forced exit (3 for `</think>` in Qwen2.5)."""
-        ...
-
-
-@dataclasses.dataclass(frozen=True)
 class Scored:
     """answer: the extracted final answer (None: unparsable). key: what maj@k votes on — the option
     letter, or the normalised answer (None: unparsable). correct: per the reward function."""
@@ -279,6 +246,8 @@ def generate_records(
     done: records of an earlier run by (benchmark, id, sample); a batch whose records are all there is
     reused, not generated. on_batch: called with each generated batch's records (to save them at once).
     """
+    from xr_jax.sampling.sampler import FINISH_NAMES  # here: reading or rescoring predictions needs no JAX
+
     budget = generation_budget(cfg, generator.exit_len)
     prompts = [render_prompt(item, cfg) for item in items]
     records: list[Record] = []
@@ -303,7 +272,7 @@ def generate_records(
                 if g.num_tokens > cfg.max_tokens:
                     raise RuntimeError(
                         f"{item.id}: response of {g.num_tokens} tokens exceeds eval.max_tokens {cfg.max_tokens}")
-                if g.finish_reason not in FINISH_REASONS:
+                if g.finish_reason not in FINISH_NAMES:
                     raise RuntimeError(f"{item.id}: unknown finish reason {g.finish_reason!r}")
                 new.append(Record(
                     item.benchmark, item.id, s, item.kind, item.answers, item.choices, prompt.text,
@@ -667,8 +636,6 @@ def main(config: Any) -> dict[str, BenchmarkMetrics]:
         if cfg.rescore is not None:
             metrics = rescore(cfg.rescore, scorer, cfg.output_dir)
         else:
-            from xr_jax.eval.generator import ModelGenerator
-
             print(f"loading {model}", file=sys.stderr)
             generator = ModelGenerator.from_config(config)
             metrics = evaluate(cfg, generator, scorer, info={"model": model})

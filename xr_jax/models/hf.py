@@ -34,8 +34,9 @@ PROCESSOR_FILES = (
 )
 
 
-class CheckpointError(UserError, ValueError):
-    """A checkpoint directory or tensor set that does not match what the model expects."""
+class ModelCheckpointError(UserError, ValueError):
+    """A model directory (Hugging Face, or an xr_jax export) or tensor set that does not match what the model
+    expects; a training run's checkpoint directory raises `checkpoints.training.CheckpointError` instead."""
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -54,12 +55,12 @@ def config_from_hf(d: Mapping[str, Any], **runtime) -> ModelConfig:
     """Typed config from a `config.json` dict; `runtime` sets dtype/scan/remat/attention fields."""
     model_type = d.get("model_type", "")
     if model_type not in ("qwen2_5_vl", "qwen2", "qwen2_vl"):
-        raise CheckpointError(
+        raise ModelCheckpointError(
             f"config.json has model_type {model_type!r}: xr_jax reads Qwen2.5-VL ('qwen2_5_vl') and "
             "Qwen2/Qwen2.5 ('qwen2') checkpoints"
         )
     if model_type == "qwen2_vl":
-        raise CheckpointError("Qwen2-VL (model_type 'qwen2_vl') is not supported; use a Qwen2.5-VL checkpoint")
+        raise ModelCheckpointError("Qwen2-VL (model_type 'qwen2_vl') is not supported; use a Qwen2.5-VL checkpoint")
     text = dict(d.get("text_config") or {})
     flat = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
     t = {**flat, **text}  # nested text keys win over top-level leftovers
@@ -168,7 +169,7 @@ def read_config_dict(path: str) -> dict[str, Any]:
     """The raw `config.json` dict of a Hugging Face directory."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
-        raise CheckpointError(f"{path!r} is not a Hugging Face checkpoint directory: no config.json")
+        raise ModelCheckpointError(f"{path!r} is not a Hugging Face checkpoint directory: no config.json")
     with open(cfg_file) as f:
         return json.load(f)
 
@@ -200,7 +201,7 @@ def _tensor_files(path: str) -> dict[str, str]:
             return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
     single = os.path.join(path, "model.safetensors")
     if not os.path.isfile(single):
-        raise CheckpointError(f"{path!r} has no model.safetensors or model.safetensors.index.json")
+        raise ModelCheckpointError(f"{path!r} has no model.safetensors or model.safetensors.index.json")
     with safe_open(single, "np") as f:
         return {k: single for k in f.keys()}
 
@@ -237,10 +238,10 @@ def load_hf(
     missing = sorted(set(want) - set(groups))
     extra = sorted(set(groups) - set(want))
     if missing:
-        raise CheckpointError(f"checkpoint {path!r} is missing tensors for: {', '.join('/'.join(p) for p in missing[:8])}")
+        raise ModelCheckpointError(f"checkpoint {path!r} is missing tensors for: {', '.join('/'.join(p) for p in missing[:8])}")
     if extra:
         names = [next(iter(groups[p].values())) for p in extra]
-        raise CheckpointError(f"checkpoint {path!r} has unexpected tensors: {', '.join(names[:8])}")
+        raise ModelCheckpointError(f"checkpoint {path!r} has unexpected tensors: {', '.join(names[:8])}")
 
     handles: dict[str, Any] = {}
 
@@ -278,7 +279,7 @@ def load_hf(
         first = by_layer[layers[0]] if layers else by_layer[None]
         got = ((len(layers),) if layers else ()) + flax_shape(first)
         if got != want[leaf_path]:
-            raise CheckpointError(
+            raise ModelCheckpointError(
                 f"tensor {first} has shape {got} in the checkpoint (as {'/'.join(leaf_path)}) but the config "
                 f"needs {want[leaf_path]}"
             )

@@ -34,7 +34,18 @@ def kmp_automaton(pattern: bytes) -> np.ndarray:
     return dfa
 
 
-def token_byte_table(token_bytes: Sequence[bytes], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def token_byte_table(tokenizer, vocab_size: int) -> list[bytes]:
+    """Each model-vocabulary id's bytes (b"" for padded ids the tokenizer does not have)."""
+    table = []
+    for i in range(vocab_size):
+        try:
+            table.append(tokenizer.token_bytes(i))
+        except (KeyError, ValueError, IndexError):
+            table.append(b"")
+    return table
+
+
+def _padded(token_bytes: Sequence[bytes], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Padded [vocab_size, max_len] uint8 byte table and lengths; ids past the tokenizer decode to b""."""
     if len(token_bytes) > vocab_size:
         raise ValueError(f"token_bytes has {len(token_bytes)} entries but the model vocabulary is {vocab_size}")
@@ -60,7 +71,7 @@ class ByteMatcher:
     @classmethod
     def build(cls, pattern: bytes, token_bytes: Sequence[bytes], vocab_size: int) -> "ByteMatcher":
         dfa = kmp_automaton(pattern)
-        table, lengths = token_byte_table(token_bytes, vocab_size)
+        table, lengths = _padded(token_bytes, vocab_size)
         states = np.broadcast_to(np.arange(len(pattern) + 1, dtype=np.int32), (vocab_size, len(pattern) + 1)).copy()
         for j in range(table.shape[1]):  # feed byte j of every token at once
             live = (lengths > j)[:, None]

@@ -17,7 +17,7 @@ samples exactly what it would without forced exit.
 Typical use:
 
     sampler = Sampler(model_cfg, SamplingConfig(temperature=1.0, max_think=3839, max_answer=256),
-                      forced_exit=ForcedExit.build(exit_ids, token_bytes, model_cfg.text.vocab_size))
+                      forced_exit=ForcedExit.from_tokenizer(tokenizer, model_cfg.text.vocab_size))
     out = sampler.generate(params, [Prompt(ids), Prompt(ids2, pixel_values, grid_thw)], rng=0, group_size=8)
     out.tokens, out.logprobs, out.forced, out.lengths, out.finish_names()
 """
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xr_jax import parallel
-from xr_jax.sampling.byte_match import ByteMatcher
+from xr_jax.sampling.byte_match import ByteMatcher, token_byte_table
 from xr_jax.errors import UserError
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2 import CACHE_AXES, init_cache
@@ -117,6 +117,12 @@ class ForcedExit:
             text = b"".join(token_bytes[i] for i in ids)
             raise ValueError(f"forced-exit ids decode to {text!r}, which does not contain the exit pattern {detect!r}")
         return cls(ids, matcher)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, vocab_size: int, text: str = "</think>") -> "ForcedExit":
+        """The forced exit every caller uses: `text`'s ids written at the budget, matched over the bytes of
+        every model id (`byte_match.token_byte_table`)."""
+        return cls.build(tokenizer.encode(text), token_byte_table(tokenizer, vocab_size), vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)

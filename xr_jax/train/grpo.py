@@ -10,7 +10,8 @@ One rollout step, for a batch of prompts:
   5. `minibatches` x `update_passes` optimizer steps run the jitted update on prompt + response rows (each
      minibatch whole groups), with pi_old = the rollout's log-probs (or a recomputed training forward).
 Everything random derives from `state.rng`, and the data position lives in the checkpoint, so a resumed
-run continues exactly. The loop (checkpoints, preemption, NaN guard, logging) is the SFT one.
+run continues exactly. The run setup and the loop (checkpoints, preemption, NaN guard, logging) are SFT's
+(`train/setup.py`, `train/loop.py`).
 """
 
 from __future__ import annotations
@@ -27,15 +28,15 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xr_jax import parallel
-from xr_jax.eval.generator import token_byte_table
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
 from xr_jax.rewards.choice import reward_ground_truth
 from xr_jax.sampling.sampler import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig, cast_params, prepare_prompts
+from xr_jax.train import setup
 from xr_jax.train.grpo_loss import AGGREGATIONS, GRPOLossConfig, group_advantages, grpo_loss
 from xr_jax.train.losses import target_logprobs_and_lse
-from xr_jax.train.sft import _schedule_count, compute_grads
-from xr_jax.train.state import TrainState, apply_update
+from xr_jax.train.sft import compute_grads
+from xr_jax.train.state import TrainState, apply_update, schedule_count
 
 # Metric names a reward's `reward_<name>` must not take.
 REWARD_METRICS = ("reward_mean", "reward_std", "reward_timeouts", "reward_errors")
@@ -102,7 +103,7 @@ def make_update_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, s
         # state.step counts rollout steps (the loop's unit); the optimizer's own count drives the schedule
         new_state = TrainState(step=state.step, params=params, opt_state=opt_state, rng=state.rng)
         metrics = {k: v / count for k, v in weighted.items()}
-        metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(_schedule_count(state.opt_state)),
+        metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(schedule_count(state.opt_state)),
                        skipped=(~ok).astype(jnp.int32), loss_tokens=count)
         return new_state, metrics
 
@@ -184,10 +185,7 @@ class GRPOTrainer:
             raise ValueError("grpo.kl_coef > 0 needs reference params")
         self.ref_params = ref_params
         stops = tuple(tokenizer.special.stop_ids)
-        forced = None
-        if g.forced_exit:
-            forced = ForcedExit.build(tokenizer.encode("</think>"), token_byte_table(tokenizer, model_cfg.text.vocab_size),
-                                      model_cfg.text.vocab_size)
+        forced = ForcedExit.from_tokenizer(tokenizer, model_cfg.text.vocab_size) if g.forced_exit else None
         self.scfg = SamplingConfig(
             temperature=g.temperature, max_new_tokens=g.max_new_tokens, stop_ids=stops, pad_id=tokenizer.special.pad,
             max_think=g.max_think if g.forced_exit else None, max_answer=g.max_answer if g.forced_exit else 0,
@@ -330,12 +328,11 @@ class GRPOTrainer:
 def prompt_batch_config(config, plan=None):
     """The `pipeline.PromptBatchConfig` of a run; `plan` (an `epochs.StepPlan`) sets the epochs (None: forever)."""
     from xr_jax.data import pipeline
-    from xr_jax.train.sft import image_config, prompt_config
 
     g, d = config.grpo, config.data
     return pipeline.PromptBatchConfig(
         batch_size=config.train.batch_size, max_prompt_len=g.max_prompt_len, seed=config.train.seed,
-        shuffle=d.shuffle, prompt=prompt_config(d), image=image_config(d),
+        shuffle=d.shuffle, prompt=setup.prompt_config(d), image=setup.image_config(d),
         num_epochs=None if plan is None else plan.num_epochs,
         epoch_batches=None if plan is None else plan.epoch_batches)
 
@@ -344,13 +341,12 @@ def plan_steps(config, tokenizer):
     """Rollout steps (`epochs.StepPlan`): fixed, or `train.epochs` passes over the usable prompts."""
     from xr_jax.data import pipeline
     from xr_jax.train import epochs
-    from xr_jax.train.sft import make_source
 
     cfg = prompt_batch_config(config)
     settings = {"max_prompt_len": cfg.max_prompt_len, "prompt": dataclasses.asdict(cfg.prompt),
                 "image": dataclasses.asdict(cfg.image)}
     return epochs.plan_from_data(
-        config, "grpo", lambda: make_source(config), tokenizer, settings,
+        config, "grpo", lambda: setup.make_source(config), tokenizer, settings,
         lambda ex: pipeline.encode_prompt(ex, tokenizer, cfg), "prompt_ids",
         lambda table, n: pipeline.rl_epoch_batches(table, cfg, n, jax.process_count()))
 
@@ -359,9 +355,8 @@ def load_prompts(config, tokenizer, plan=None):
     """The RL prompt iterator (grain; its state is saved in checkpoints) for `data.source`, over the epochs of
     `plan` (`plan_steps`; None: the prompts repeat without end)."""
     from xr_jax.data import pipeline
-    from xr_jax.train.sft import make_source
 
-    return iter(pipeline.rl_pipeline(make_source(config), tokenizer, prompt_batch_config(config, plan)))
+    return iter(pipeline.rl_pipeline(setup.make_source(config), tokenizer, prompt_batch_config(config, plan)))
 
 
 def check_layout(config, mesh: Mesh) -> None:
@@ -382,59 +377,25 @@ def check_layout(config, mesh: Mesh) -> None:
             f"{dp * g.microbatches}; change train.batch_size, grpo.minibatches or mesh.shape")
 
 
+def updates_per_step(g) -> int:
+    """Optimizer updates per rollout step: every pass over the rollout updates once per minibatch."""
+    return g.minibatches * g.update_passes
+
+
 def main(config) -> dict:
     """Run (or resume) GRPO from a resolved `xr_jax.config.Config`; returns the last step's metrics."""
-    from xr_jax.config import to_dict
-    from xr_jax.models.qwen2_5_vl import init_params
-    from xr_jax.checkpoints import convert
-    from xr_jax.train import epochs, loop, state as state_lib
-    from xr_jax.train.sft import build_model, export_final
+    from xr_jax.train import epochs
 
-    loop.check_outputs(config)
-    d = config.distributed
-    parallel.initialize_distributed(d.initialize, d.coordinator, d.num_processes, d.process_id)
-    mesh = parallel.make_mesh(config.mesh.shape)
-    tokenizer = convert.load_tokenizer_for(config.model.path, config.model.tokenizer, "model.tokenizer")
-    model_cfg, loaded = build_model(config, mesh, tokenizer)
-    parallel.check_model_fits_mesh(model_cfg, mesh)
-    check_layout(config, mesh)
-    frozen = ("visual",) if config.train.freeze_vision and model_cfg.vision is not None else ()
-    plan = plan_steps(config, tokenizer)
+    run = setup.Run.start(config, lambda mesh: check_layout(config, mesh))
+    plan = plan_steps(config, run.tokenizer)
     # The schedule counts optimizer updates: warmup_ratio is a share of every update of every epoch (paper: 10%).
-    updates = plan.scaled(config.grpo.minibatches * config.grpo.update_passes)
-    tx, schedule = state_lib.make_optimizer(config.optim, updates.schedule_steps, updates.epoch_steps, frozen)
-    init_fn = lambda key: init_params(model_cfg, key)  # noqa: E731
-    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    shardings = state_lib.state_shardings(tx, boxed, mesh)
-
-    def initial_state():
-        if loaded is not None:
-            return state_lib.state_from_params(jax.tree_util.tree_map(np.asarray, loaded), tx, config.train.seed, shardings)
-        return state_lib.init_state(init_fn, tx, config.train.seed, shardings)
-
+    st = run.state_setup(plan.scaled(updates_per_step(config.grpo)))
+    batches = load_prompts(config, run.tokenizer, plan)
     ref = None
     if config.grpo.kl_coef > 0:  # the frozen initial policy: re-derived identically on resume
-        ref = jax.tree_util.tree_map(jnp.copy, initial_state().params)
-    batches = load_prompts(config, tokenizer, plan)
-    config_dict = to_dict(config)
-    state, checkpointer = loop.resume_or_start(config, state_lib.abstract_state(init_fn, tx, shardings), batches,
-                                               initial_state)
-    trainer = GRPOTrainer(config, model_cfg, tokenizer, mesh, tx, schedule, shardings, ref, frozen)
-    lg = config.logging
-    logger = loop.MetricsLogger.from_config(config, config_dict)
-    try:
-        with parallel.use_mesh(mesh):
-            result = loop.run_loop(
-                state, epochs.with_data_metrics(trainer.step, batches, truncation=False), batches,
-                total_steps=plan.total, put_batch=lambda b: b,
-                logger=logger, checkpointer=checkpointer, config_dict=config_dict,
-                nan_patience=config.train.nan_patience, log_every=lg.every, progress=lg.progress,
-                print_every=lg.print_every,
-            )
-    finally:
-        trainer.close()
-        logger.close()
-        if checkpointer is not None:
-            checkpointer.close()
-    loop.report_done(result.steps, export_final(config, model_cfg, result.state.params, tokenizer))
-    return result.last or {}
+        ref = jax.tree_util.tree_map(jnp.copy, run.fresh(st).params)
+    state, checkpointer = run.resume_or_start(st, batches)
+    trainer = GRPOTrainer(config, run.model_cfg, run.tokenizer, run.mesh, st.tx, st.schedule, st.shardings, ref,
+                          st.frozen)
+    return run.train(state, checkpointer, epochs.with_data_metrics(trainer.step, batches, truncation=False), batches,
+                     plan.total, put_batch=lambda b: b, close=trainer.close)

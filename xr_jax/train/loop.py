@@ -300,7 +300,7 @@ def resume_or_start(config, abstract_state, batches, fresh: Callable[[], Any]):
     restored into `batches`, else `fresh()`; the checkpointer is None when checkpoint.dir is unset.
 
     The directory is locked for this run (`Checkpointer.close` releases it) and the checkpoint's config must
-    match this one but for the keys `checkpoint.SAFE_TO_CHANGE` and `checkpoint.allow_config_change` permit.
+    match this one but for the keys `checkpoints.integrity.SAFE_TO_CHANGE` and `checkpoint.allow_config_change` permit.
     """
     from xr_jax.checkpoints import training as ckpt_lib
     from xr_jax.config import to_dict

@@ -129,6 +129,12 @@ def apply_update(tx: optax.GradientTransformation, grads, params, opt_state, ok:
     return jax.lax.cond(ok, update, lambda args: (args[1], args[2]), (grads, params, opt_state))
 
 
+def schedule_count(opt_state) -> jax.Array:
+    """The optimizer's own step count (what the schedule sees; it does not advance on skipped steps)."""
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    return counts[0][1] if counts else jnp.zeros((), jnp.int32)
+
+
 def _dict_keys(path) -> tuple[str, ...]:
     return tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
 
