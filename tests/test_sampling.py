@@ -323,6 +323,8 @@ def test_bad_inputs_have_clear_errors(params):
     with pytest.raises(ValueError, match="top_p"):
         Sampler(CFG, SamplingConfig(top_p=0.0))
     assert FINISH_NAMES == ("eos", "forced_exit", "length")
-    half = sampling.cast_params(params, jnp.bfloat16)  # the optional bf16 copy of training params
-    assert half["lm_head"]["kernel"].dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="chunk"):
+        Sampler(CFG, SamplingConfig(chunk=0))
+    half = Sampler(CFG, SamplingConfig(**{**GREEDY.__dict__, "weight_dtype": "bfloat16"})).weights(params)  # the optional bf16 copy
+    assert half["rest"]["lm_head"]["kernel"].dtype == jnp.bfloat16 and len(half["layers"]) == CFG.text.num_layers
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(half))

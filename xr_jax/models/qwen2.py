@@ -4,6 +4,11 @@ One code path serves training (full sequence, packed rows via segment ids) and d
 KV cache written at `cache["index"]`). Decoder layers live under `nn.scan` with params stacked on a
 leading `layers` axis — the layout of `xr_jax.models.naming`; `scan_layers=False` unrolls the same
 scan, so the param tree never changes.
+
+The sampler decodes through `decode_weights` / `run_layers` instead: the same `DecoderLayer`, applied
+layer by layer to per-layer weights (split from the stack and cast once per rollout) and per-layer
+KV buffers [B, K, S, H], so that a decode step reads each weight and each cache entry once, with no
+per-layer slice or transpose copies.
 """
 
 from __future__ import annotations
@@ -144,13 +149,32 @@ def resolve_attention(cfg: ModelConfig, decoding: bool) -> str:
     return "cudnn" if fused_ok else "einsum"
 
 
+def decode_attention_einsum(q, k, v, start, end):
+    """One query token per row over its live slots: q [B, N, H], k/v [B, K, S, H] (head-major, read in
+    place), start/end [B] int32 -> [B, N, H]: softmax(q k^T / sqrt(H)) v over slots start <= s < end.
+
+    The masking and fp32 softmax of `dot_product_attention` (`_attention_core`), so cached decoding
+    gives the same numbers as before the cache was head-major."""
+    b, n, h = q.shape
+    kh = k.shape[1]
+    slots = jnp.arange(k.shape[2])
+    mask = ((slots >= start[:, None]) & (slots < end[:, None]))[:, None, None, :]  # [B, 1, 1(T), S]
+    out = _attention_core(q.reshape(b, kh, n // kh, 1, h), k, v, mask, h**-0.5)
+    return out.reshape(b, n, h)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_kv=None, layer=None, cache_index=None):
-        """cache_kv: the whole stacked cache (k, v) [layers, B, S, K, H]; this layer writes its new k/v
-        in place at (layer, :, cache_index) and attends over its own slice."""
+        """cache_kv with a `layer` index: the whole stacked cache (k, v) [layers, B, S, K, H]; this layer
+        writes its new k/v in place at (layer, :, cache_index) and attends over its own slice.
+
+        cache_kv without `layer` (`run_layers`): this layer's own buffers (k, v) [B, K, S, H]; the new k/v
+        go in at slot cache_index. `mask` is then (start, end) [B] for one decode token (attention over
+        the buffers, `decode_attention_einsum`), or the [B, 1, T, T] mask of a prompt written at slot 0
+        into buffers of T slots (it attends over its own k/v)."""
         tc, dtype, pdt = self.cfg.text, as_dtype(self.cfg.dtype), as_dtype(self.cfg.param_dtype)
         b, t, _ = x.shape
         hd = tc.head_dim
@@ -161,18 +185,27 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos[:, :, None, :], sin[:, :, None, :])
         k = apply_rotary(k, cos[:, :, None, :], sin[:, :, None, :])
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
-        new_kv = None
-        if cache_kv is not None:
-            ck, cv = cache_kv
-            at = (layer, 0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-            new_kv = (ck, cv)
-            k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(dtype)
-            v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(dtype)
-        impl = resolve_attention(self.cfg, decoding=cache_kv is not None)
-        # without a cache the mask is causal over the same T slots (`attention_mask` with equal indices)
-        out = dot_product_attention(q, k, v, mask, impl, causal=cache_kv is None)
+        new_kv, impl = None, resolve_attention(self.cfg, decoding=cache_kv is not None)
+        if cache_kv is not None and layer is None:
+            new_kv = tuple(
+                jax.lax.dynamic_update_slice(c, jnp.swapaxes(a, 1, 2).astype(c.dtype), (0, 0, cache_index, 0))
+                for c, a in zip(cache_kv, (k, v))
+            )
+            if isinstance(mask, tuple):
+                out = decode_attention_einsum(q[:, 0], *(c.astype(dtype) for c in new_kv), *mask)[:, None]
+            else:
+                out = dot_product_attention(q, k, v, mask, impl)
+        else:
+            if cache_kv is not None:
+                ck, cv = cache_kv
+                at = (layer, 0, cache_index, 0, 0)
+                ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+                cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+                new_kv = (ck, cv)
+                k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(dtype)
+                v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(dtype)
+            # without a cache the mask is causal over the same T slots (`attention_mask` with equal indices)
+            out = dot_product_attention(q, k, v, mask, impl, causal=cache_kv is None)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         out = Dense(tc.hidden_size, ("heads", "embed"), False, dtype, pdt, name="o_proj")(out.reshape(b, t, -1))
         return out, new_kv
@@ -277,3 +310,44 @@ CACHE_AXES = {
     "segment_ids": ("act_batch", "act_length"),
     "index": (),
 }
+
+
+# ----------------------------------------------------------------------------------- per-layer decoding
+
+
+def decode_weights(params, dtype) -> dict:
+    """The params as decoding reads them: {"layers": one param tree per decoder layer, "rest": the others},
+    floating-point leaves cast to `dtype`. Made once per rollout: a decode step then reads each layer's
+    weights where they lie (no per-token slice out of the stack, no per-token cast of fp32 master weights).
+    Casting to the compute dtype changes no result (every layer casts its params to it before use)."""
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    stacked = params["model"]["layers"]
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    layers = tuple(jax.tree_util.tree_map(lambda x, i=i: cast(x[i]), stacked) for i in range(n))
+    rest = {**params, "model": {k: v for k, v in params["model"].items() if k != "layers"}}
+    return {"layers": layers, "rest": jax.tree_util.tree_map(cast, rest)}
+
+
+def init_layer_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> tuple:
+    """Empty per-layer KV buffers: one (k, v) pair per layer, each [B, kv_heads, S, head_dim]."""
+    tc = cfg.text
+    shape = (batch, tc.num_kv_heads, slots, tc.head_dim)
+    dtype = as_dtype(dtype or cfg.dtype)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(tc.num_layers))
+
+
+LAYER_CACHE_AXES = ("act_batch", "act_kv_heads", "act_length", None)
+
+
+def run_layers(cfg: ModelConfig, layers: tuple, embeds, positions, mask, kv: tuple, index):
+    """The decoder layers unrolled over per-layer weights (`decode_weights`) and buffers (`init_layer_cache`):
+    embeds [B, T, D] at positions [3, B, T] written at slot `index`; `mask` as `Attention` takes it with
+    per-layer buffers. Returns (hidden [B, T, D] before the final norm, the new buffers)."""
+    dtype = as_dtype(cfg.dtype)
+    cos, sin = text_rotary(positions, cfg.text, dtype)
+    h = nn.with_logical_constraint(embeds.astype(dtype), ("act_batch", "act_length", "act_embed"))
+    layer, new_kv = DecoderLayer(cfg), []
+    for params, layer_kv in zip(layers, kv):
+        (h, layer_kv), _ = layer.apply({"params": params}, (h, layer_kv), None, cos, sin, mask, index)
+        new_kv.append(layer_kv)
+    return h, tuple(new_kv)
