@@ -359,6 +359,7 @@ def test_bad_inputs_have_clear_errors(params):
     assert FINISH_NAMES == ("eos", "forced_exit", "length")
     with pytest.raises(ValueError, match="chunk"):
         Sampler(CFG, SamplingConfig(chunk=0))
-    half = Sampler(CFG, SamplingConfig(**{**GREEDY.__dict__, "weight_dtype": "bfloat16"})).weights(params)  # the optional bf16 copy
+    # the optional bf16 copy of the weights
+    half = Sampler(CFG, SamplingConfig(**{**GREEDY.__dict__, "weight_dtype": "bfloat16"})).weights(params)
     assert half["rest"]["lm_head"]["kernel"].dtype == jnp.bfloat16 and len(half["layers"]) == CFG.text.num_layers
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(half))

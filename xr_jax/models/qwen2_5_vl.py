@@ -56,7 +56,8 @@ class Qwen2_5_VL(nn.Module):
         """
         if positions.ndim == 2:
             positions = jnp.broadcast_to(positions[None], (3,) + positions.shape)
-        hidden, cache = self.model(self.embed_inputs(input_ids, pixel_values, vision_layout), positions, segment_ids, cache)
+        embeds = self.embed_inputs(input_ids, pixel_values, vision_layout)
+        hidden, cache = self.model(embeds, positions, segment_ids, cache)
         if return_hidden:
             return hidden, cache
         return self.logits(hidden), cache

@@ -410,7 +410,8 @@ def _decode(weights, prompt_cache, logits, next_position, row_keys, knobs: Decod
         pos = jnp.broadcast_to((next_position + t - 1)[None, :, None], (3, n, 1))
         h = net.apply(rest, state.last[:, None], method=Qwen2_5_VL.embed_inputs)
         index = prompt_len + t - 1
-        h, kv = run_layers(program.model, weights["layers"], h, pos, (start, jnp.full_like(start, index + 1)), kv, index)
+        bounds = (start, jnp.full_like(start, index + 1))  # live slots: after the padding, up to this token
+        h, kv = run_layers(program.model, weights["layers"], h, pos, bounds, kv, index)
         step_logits = net.apply(rest, h, method=Qwen2_5_VL.final_logits)
         return kv, choose(t, step_logits[:, 0], state, knobs, row_keys, program)
 
