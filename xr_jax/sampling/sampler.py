@@ -1,9 +1,15 @@
-"""Jitted sampler: left-padded prefill, KV-cache decode in `lax.while_loop`, forced exit, group sampling.
+"""Jitted sampler: left-padded prefill, KV-cache decode in chunks of `chunk` tokens, forced exit, group sampling.
 
 Shapes are static so one compiled program serves every call with the same (batch, prompt bucket,
 patch bucket, config): prompts are left-padded to a length bucket, the cache holds
 `bucket + max_new - 1` slots, and every row's k-th generated token sits in column k of the output
 (all rows start generating at the same step), at M-RoPE position `prompt_len + k + rope_delta`.
+
+Decoding reads the weights as `qwen2.decode_weights` lays them out (per layer, in the sampling dtype,
+made once per call; replicated over the mesh, so the token loop runs no weight collectives) and keeps
+one KV buffer [B, K, S, H] per layer. The token loop is a `while_loop` over chunks of `chunk` tokens,
+each a loop of known trip count: the stop test (all rows done) runs, and syncs with the host on GPU,
+once per chunk.
 
 Forced exit (X-Reasoner §2.1 / s1 budget forcing): with `max_think = k`, a row that has not produced
 the exit pattern (`</think>`, matched on decoded bytes by `byte_match`) within its first k tokens
@@ -32,12 +38,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xr_jax import parallel
 from xr_jax.sampling.byte_match import ByteMatcher, token_byte_table
 from xr_jax.errors import UserError
 from xr_jax.models.config import ModelConfig
-from xr_jax.models.qwen2 import CACHE_AXES, init_cache
+from xr_jax.models.layers import as_dtype
+from xr_jax.models.qwen2 import LAYER_CACHE_AXES, attention_mask, decode_weights, init_layer_cache, run_layers
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL, check_image_tokens, get_rope_index
 
 # finish reasons: EOS = stopped on a stop id; FORCED_EXIT = forced, then stopped on a stop id;
@@ -61,6 +69,11 @@ class SamplingConfig:
     stop_ids: a sampled stop id ends its row (included in the output); forced tokens never stop.
     pad_id: fills the output after a row ends (and left-pads prompts).
     prompt_buckets: prompts are left-padded to the smallest bucket that fits the longest one.
+    weight_dtype: dtype of the weights copy decoding reads (None: the model's compute dtype, which gives
+      the same numbers as the params themselves; e.g. "bfloat16" with fp32 compute samples with
+      bf16-rounded weights).
+    chunk: tokens decoded between two tests of "every row done" (a loop of known trip count): the
+      host syncs once per chunk on GPU; at most chunk - 1 steps are spent after the last row stops.
     """
 
     temperature: float = 1.0
@@ -72,6 +85,8 @@ class SamplingConfig:
     stop_ids: tuple[int, ...] = QWEN_STOP_IDS
     pad_id: int = 151643
     prompt_buckets: tuple[int, ...] = DEFAULT_PROMPT_BUCKETS
+    weight_dtype: Optional[str] = None
+    chunk: int = 8
 
     @property
     def greedy(self) -> bool:
@@ -92,6 +107,8 @@ class SamplingConfig:
             )
         if not self.prompt_buckets or sorted(self.prompt_buckets) != list(self.prompt_buckets):
             raise ValueError(f"sampling.prompt_buckets must be a non-empty increasing tuple, got {self.prompt_buckets}")
+        if self.chunk < 1:
+            raise ValueError(f"sampling.chunk must be >= 1, got {self.chunk}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,13 +256,6 @@ def prepare_prompts(prompts: Sequence[Prompt], cfg: ModelConfig, scfg: SamplingC
     return batch
 
 
-def cast_params(params, dtype):
-    """A copy of the floating-point params in `dtype` (e.g. a bf16 copy of fp32 training params)."""
-    return jax.tree_util.tree_map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
-    )
-
-
 def _row_keys(rng, n: int, span: Optional[tuple[int, int]] = None):
     """Per-row PRNG keys from an int seed or one key (split into one key per global row; `span` = (first row,
     global rows) picks this process's), or n keys (this process's rows' keys, used as given)."""
@@ -302,17 +312,21 @@ class DecodeProgram:
     n_exit: int  # forced-exit ids E; 0 = forced exit off
     pad_id: int
     group_size: int
+    chunk: int  # tokens per stop test
 
 
-def _prefill(params, input_ids, positions, segment_ids, pixel_values, vision_layout, *, model: ModelConfig):
-    """Prompt forward into a prompt-sized cache; logits [B, V] of the last prompt token only."""
-    net = Qwen2_5_VL(model)
-    cache = init_cache(model, input_ids.shape[0], input_ids.shape[1])
-    hidden, cache = net.apply(
-        {"params": params}, input_ids, positions, segment_ids, pixel_values, vision_layout,
-        cache=cache, return_hidden=True,
-    )
-    return cache, net.apply({"params": params}, hidden[:, -1], method=Qwen2_5_VL.logits)
+def _prefill(weights, input_ids, positions, segment_ids, pixel_values, vision_layout, *, model: ModelConfig):
+    """Prompt forward into prompt-sized per-layer buffers; logits [B, V] of the last prompt token only.
+
+    The cache: {"kv": per-layer (k, v) [B, K, L, H], "start": [B] first live slot (after the left padding)}."""
+    net, rest = Qwen2_5_VL(model), {"params": weights["rest"]}
+    b, length = input_ids.shape
+    embeds = net.apply(rest, input_ids, pixel_values, vision_layout, method=Qwen2_5_VL.embed_inputs)
+    idx = jnp.arange(length)
+    mask = attention_mask(segment_ids, segment_ids, idx, idx)
+    hidden, kv = run_layers(model, weights["layers"], embeds, positions, mask, init_layer_cache(model, b, length), 0)
+    start = (length - jnp.sum(segment_ids != 0, axis=1)).astype(jnp.int32)
+    return {"kv": kv, "start": start}, net.apply(rest, hidden[:, -1], method=Qwen2_5_VL.final_logits)
 
 
 class DecodeKnobs(NamedTuple):
@@ -383,36 +397,43 @@ def choose(t, logits, state: DecodeState, knobs: DecodeKnobs, row_keys, program:
     )
 
 
-def _decode(params, prompt_cache, logits, next_position, row_keys, knobs: DecodeKnobs, *, program: DecodeProgram):
-    """Repeat the prompt cache for the group, then choose T tokens per row in a while_loop (early stop)."""
-    net, T = Qwen2_5_VL(program.model), program.max_new
+def _decode(weights, prompt_cache, logits, next_position, row_keys, knobs: DecodeKnobs, *, program: DecodeProgram):
+    """Broadcast the prompt cache to the group once, then choose T tokens per row: a `while_loop` over chunks
+    of `program.chunk` tokens (each a loop of known trip count) that stops once every row is done."""
+    net, rest, T = Qwen2_5_VL(program.model), {"params": weights["rest"]}, program.max_new
     rep = lambda x, axis: jnp.repeat(x, program.group_size, axis=axis) if program.group_size > 1 else x  # noqa: E731
-    logits, next_position = rep(logits, 0), rep(next_position, 0)
+    logits, next_position, start = rep(logits, 0), rep(next_position, 0), rep(prompt_cache["start"], 0)
     n = logits.shape[0]
-    extra = T - 1  # slots for fed-back tokens (the last token is never fed)
-    kv_pad = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
-    cache = {
-        "k": jnp.pad(rep(prompt_cache["k"], 1), kv_pad),
-        "v": jnp.pad(rep(prompt_cache["v"], 1), kv_pad),
-        "segment_ids": jnp.pad(rep(prompt_cache["segment_ids"], 0), ((0, 0), (0, extra))),
-        "index": prompt_cache["index"],
-    }
-    cache = {k: nn.with_logical_constraint(v, CACHE_AXES[k]) for k, v in cache.items()}
+    prompt_len = prompt_cache["kv"][0][0].shape[2]
+    # slots for fed-back tokens: T - 1 (the last token is never fed)
+    grow = lambda c: nn.with_logical_constraint(  # noqa: E731
+        jnp.pad(rep(c, 0), ((0, 0), (0, 0), (0, T - 1), (0, 0))), LAYER_CACHE_AXES)
+    kv = tuple((grow(k), grow(v)) for k, v in prompt_cache["kv"])
     state = choose(0, logits, DecodeState.empty(n, T, program.pad_id), knobs, row_keys, program)
 
-    def body(carry):
-        t, cache, state = carry
+    def step(t, kv, state):
+        """Feed token t - 1 of every row (slot prompt_len + t - 1), choose token t."""
         pos = jnp.broadcast_to((next_position + t - 1)[:, None, None], (n, 3, 1))
-        step_logits, cache = net.apply(
-            {"params": params}, state.last[:, None], pos, jnp.ones((n, 1), jnp.int32), cache=cache
-        )
-        return t + 1, cache, choose(t, step_logits[:, 0], state, knobs, row_keys, program)
+        h = net.apply(rest, state.last[:, None], method=Qwen2_5_VL.embed_inputs)
+        index = prompt_len + t - 1
+        bounds = (start, jnp.full_like(start, index + 1))  # live slots: after the padding, up to this token
+        h, kv = run_layers(program.model, weights["layers"], h, pos, bounds, kv, index)
+        step_logits = net.apply(rest, h, method=Qwen2_5_VL.final_logits)
+        return kv, choose(t, step_logits[:, 0], state, knobs, row_keys, program)
 
-    def cond(carry):
-        t, _, state = carry
-        return (t < T) & ~jnp.all(state.done)
+    def steps(carry, count: int):
+        """`count` (static) steps from carry's t: a loop XLA knows the trip count of."""
+        t, kv, state = carry
+        kv, state = jax.lax.fori_loop(0, count, lambda i, c: step(t + i, *c), (kv, state))
+        return t + count, kv, state
 
-    _, _, state = jax.lax.while_loop(cond, body, (jnp.asarray(1, jnp.int32), cache, state))
+    # steps 1 .. T-1: whole chunks while any row is live, then the remainder (a no-op for rows already done)
+    full, remainder = divmod(T - 1, program.chunk)
+    carry = jax.lax.while_loop(
+        lambda c: (c[0] < 1 + full * program.chunk) & ~jnp.all(c[2].done),
+        lambda c: steps(c, program.chunk), (jnp.asarray(1, jnp.int32), kv, state),
+    )
+    _, _, state = steps(carry, remainder) if remainder else carry
     any_forced = jnp.any(state.forced, axis=-1)
     reason = jnp.where(state.stopped, jnp.where(any_forced, FORCED_EXIT, EOS), LENGTH).astype(jnp.int32)
     return {
@@ -424,13 +445,14 @@ def _decode(params, prompt_cache, logits, next_position, row_keys, knobs: Decode
 # Module-level so every Sampler with the same static structure shares the compiled programs.
 prefill_jit = jax.jit(_prefill, static_argnames=("model",))
 decode_jit = jax.jit(_decode, static_argnames=("program",))
+weights_jit = jax.jit(decode_weights, static_argnames=("dtype",))
 
 
 class Sampler:
     """Sampling for one model config, sampling config and forced-exit setting.
 
-    `mesh`: run sharded (batch over data/fsdp, heads over tensor) with params already placed on it
-    (the training params, or `cast_params(params, jnp.bfloat16)` as a bf16 copy).
+    `mesh`: run sharded (batch over data/fsdp, heads over tensor) with params already placed on it (e.g. the
+    training params in their FSDP layout): each call gathers them once into the replicated decode weights.
     """
 
     def __init__(
@@ -448,6 +470,13 @@ class Sampler:
             raise ValueError("the ForcedExit was built for a different vocabulary size than the model's")
         self.cfg, self.scfg, self.mesh = cfg, scfg, mesh
         self.forced_exit = forced_exit if scfg.max_think is not None else None
+        self._weights = weights_jit
+        if mesh is not None:  # the rollout layout: weights replicated, rows data-parallel
+            self._weights = jax.jit(decode_weights, static_argnames=("dtype",), out_shardings=NamedSharding(mesh, P()))
+
+    def weights(self, params):
+        """The weights decoding reads (`qwen2.decode_weights` in `weight_dtype`), made once per `generate`."""
+        return self._weights(params, dtype=as_dtype(self.scfg.weight_dtype or self.cfg.dtype))
 
     @property
     def max_new(self) -> int:
@@ -461,6 +490,7 @@ class Sampler:
         return DecodeProgram(
             model=self.cfg, max_new=self.max_new, greedy=s.greedy, top_k=s.top_k, top_p=s.top_p < 1.0,
             n_exit=len(self.forced_exit.ids) if self.forced_exit else 0, pad_id=s.pad_id, group_size=group_size,
+            chunk=s.chunk,
         )
 
     def knobs(self) -> DecodeKnobs:
@@ -486,9 +516,10 @@ class Sampler:
         batch = prepare_prompts(prompts, self.cfg, self.scfg, self._global_max_length(prompts))
         keys = self._keys(rng, len(prompts) * group_size)
         with self._context():
-            cache, logits = prefill_jit(params, *self._place(batch), model=self.cfg)
+            weights = self.weights(params)
+            cache, logits = prefill_jit(weights, *self._place(batch), model=self.cfg)
             out = decode_jit(
-                params, cache, logits, self._put(batch.next_position), self._put_keys(keys), self.knobs(),
+                weights, cache, logits, self._put(batch.next_position), self._put_keys(keys), self.knobs(),
                 program=self.program(group_size),
             )
         return SampleOutput(**{k: parallel.local_rows(v) for k, v in out.items()}, group_size=group_size)

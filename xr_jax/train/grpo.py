@@ -31,7 +31,7 @@ from xr_jax import parallel
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL
 from xr_jax.rewards.choice import reward_ground_truth
-from xr_jax.sampling.sampler import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig, cast_params, prepare_prompts
+from xr_jax.sampling.sampler import FINISH_NAMES, ForcedExit, Prompt, Sampler, SamplingConfig, prepare_prompts
 from xr_jax.train import setup
 from xr_jax.train.grpo_loss import AGGREGATIONS, GRPOLossConfig, group_advantages, grpo_loss
 from xr_jax.train.losses import target_logprobs_and_lse
@@ -189,7 +189,7 @@ class GRPOTrainer:
         self.scfg = SamplingConfig(
             temperature=g.temperature, max_new_tokens=g.max_new_tokens, stop_ids=stops, pad_id=tokenizer.special.pad,
             max_think=g.max_think if g.forced_exit else None, max_answer=g.max_answer if g.forced_exit else 0,
-            prompt_buckets=(g.max_prompt_len,),
+            prompt_buckets=(g.max_prompt_len,), weight_dtype=g.sampler_dtype,
         )
         self.sampler = Sampler(model_cfg, self.scfg, forced, mesh=mesh)
         self.pool = RewardPool(g.reward_workers)
@@ -217,8 +217,7 @@ class GRPOTrainer:
         lengths = batch["prompt_lengths"]
         ids = batch["prompt_ids"]
         prompts = [Prompt(ids[i, ids.shape[1] - lengths[i]:]) for i in range(len(lengths))]
-        sample_params = cast_params(params, g.sampler_dtype) if g.sampler_dtype else params
-        out = self.sampler.generate(sample_params, prompts, rng=key, group_size=g.group_size)
+        out = self.sampler.generate(params, prompts, rng=key, group_size=g.group_size)
         texts = [self.decode(out.row_ids(i)) for i in range(len(out.lengths))]
         rewards = np.zeros(len(texts), np.float32)
         components, timeouts, errors = {}, 0, 0
