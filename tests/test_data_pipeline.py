@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.pipeline_reference import attention_mask, eval_pipeline
+from tests.pipeline_reference import attention_mask
 from xr_jax.data import pipeline as P
 from xr_jax.data import sources, synthetic
 from xr_jax.data.tokenizer import load_tokenizer
@@ -261,8 +261,8 @@ def test_mixed_text_and_image_rows(tok):
     np.testing.assert_array_equal(batch["image_grid_thw"], [[1, 8, 16]] * 2)
     expected = np.concatenate([P.encode_sft(src[i], tok, cfg)["pixel_values"] for i in (1, 3)])
     np.testing.assert_array_equal(batch["pixel_values"], expected)
-    prompts = next(iter(eval_pipeline(src, tok, P.PromptBatchConfig(batch_size=4, max_prompt_len=200),
-                                        process_index=0, process_count=1)))
+    prompts = next(iter(P.rl_pipeline(src, tok, P.PromptBatchConfig(batch_size=4, max_prompt_len=200, shuffle=False),
+                                       process_index=0, process_count=1)))
     np.testing.assert_array_equal((prompts["prompt_ids"] == tok.special.image_pad).sum(1), [0, 32, 0, 32])
     np.testing.assert_array_equal(prompts["pixel_values"], expected)
 
@@ -279,23 +279,26 @@ def test_rl_image_prompt_over_budget_is_dropped_not_truncated(tok):
     assert list(small) == [] and small.stats.skipped == {"prompt_too_long": 8}
 
 
-def test_eval_batches_in_order_with_metadata(tok):
+def test_orz_eval_prompt_batches_in_order(tok):
+    """Benchmark rows in the ORZ eval format as prompt batches in file order: ids, gold answers, the eval
+    template's text and the option letters as written in the file."""
     gpqa = sources.load_source(str(FIXTURES / "gpqa_diamond_30.json"), "orz_eval")
-    cfg = P.PromptBatchConfig(batch_size=8, max_prompt_len=1024, prompt=P.PromptConfig(template="x_reasoner_eval_mc"))
-    batches = list(eval_pipeline(gpqa, tok, cfg, process_index=0, process_count=1))
-    assert len(batches) == 4 and [int(b["valid"].sum()) for b in batches] == [8, 8, 8, 6]
-    ids = [i for b in batches for i, v in zip(b["ids"], b["valid"]) if v]
-    assert ids == [f"gpqa_diamond_30:{i}" for i in range(30)]
-    answers = [a for b in batches for a, v in zip(b["answers"], b["valid"]) if v]
+    cfg = P.PromptBatchConfig(batch_size=8, max_prompt_len=1024, shuffle=False, num_epochs=1,
+                              prompt=P.PromptConfig(template="x_reasoner_eval_mc"))
+    batches = list(P.rl_pipeline(gpqa, tok, cfg, process_index=0, process_count=1))
+    assert len(batches) == 3 and all(len(b["ids"]) == 8 for b in batches)  # 30 rows: the remainder dropped
+    ids = [i for b in batches for i in b["ids"]]
+    assert ids == [f"gpqa_diamond_30:{i}" for i in range(24)]
+    answers = [a for b in batches for a in b["answers"]]
     assert answers[:10] == ["D", "C", "D", "C", "C", "A", "C", "A", "D", "B"]
     first = tok.decode(batches[0]["prompt_ids"][0][batches[0]["prompt_mask"][0]])
     assert "just one of the options" in first and "Options:" not in first  # ORZ prompts already list them
     assert batches[0]["choices"][0] == {"A": "d", "B": "a", "C": "b", "D": "c"}
-    assert batches[0]["meta"][0]["file_name"] == "gpqa_diamond_30"
     math = sources.load_source(str(FIXTURES / "math500_40.json"), "orz_eval")
-    cfg = P.PromptBatchConfig(batch_size=16, max_prompt_len=1024, prompt=P.PromptConfig(template="x_reasoner_eval_math"))
-    batches = list(eval_pipeline(math, tok, cfg, process_index=0, process_count=1))
-    assert sum(int(b["valid"].sum()) for b in batches) == 40 and batches[-1]["prompt_ids"].shape == (16, 1024)
+    cfg = P.PromptBatchConfig(batch_size=16, max_prompt_len=1024, shuffle=False, num_epochs=1,
+                              prompt=P.PromptConfig(template="x_reasoner_eval_math"))
+    batches = list(P.rl_pipeline(math, tok, cfg, process_index=0, process_count=1))
+    assert sum(len(b["ids"]) for b in batches) == 32 and batches[-1]["prompt_ids"].shape == (16, 1024)
 
 
 def test_global_batch_on_a_device_mesh(tok):

@@ -256,13 +256,12 @@ def _reader(source: Source, encode: Callable[[Example], dict]) -> Callable[[int]
     return read
 
 
-def _indices(n_rows: int, process_index: int, process_count: int, trim: bool) -> grain.MapDataset:
-    """This host's rows: every `process_count`-th. `trim` drops the last n_rows % process_count rows so every
-    host has the same number of rows per epoch (training); evaluation keeps all."""
+def _indices(n_rows: int, process_index: int, process_count: int) -> grain.MapDataset:
+    """This host's rows: every `process_count`-th, without the last n_rows % process_count rows, so every
+    host has the same number of rows per epoch."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} must be in [0, {process_count})")
-    if trim:
-        n_rows -= n_rows % process_count
+    n_rows -= n_rows % process_count
     if n_rows < process_count:
         raise ValueError(f"{n_rows} rows cannot be sharded over {process_count} processes")
     return grain.MapDataset.range(n_rows)[process_index::process_count]
@@ -477,7 +476,7 @@ def _sft_epochs(n_rows: int, read: Callable[[int], Any], config: SFTConfig, pad_
                 process_count: int, batch_fn: Callable = _stack_rows) -> Callable[[int, RowStats], grain.IterDataset]:
     """`make(epoch, stats)`: the batches of one SFT pass of this host (`read`: row index -> encoded example)."""
     local_batch = _local_batch_size(config.batch_size, process_count)
-    rows = _indices(n_rows, process_index, process_count, trim=True)
+    rows = _indices(n_rows, process_index, process_count)
 
     def make(epoch: int, stats: RowStats) -> grain.IterDataset:
         ds = _epoch_order(rows, config.shuffle, config.seed, epoch).map(read)
@@ -506,8 +505,7 @@ def sft_pipeline(
 
 @dataclasses.dataclass(frozen=True)
 class PromptBatchConfig:
-    """RL (shuffled, `num_epochs` passes or forever, dropped remainder per epoch) and eval (in order, one pass,
-    padded last batch) prompts. max_prompt_len: prompts are left-padded to it; longer prompts are dropped and
+    """RL prompts: shuffled (or in order), `num_epochs` passes or forever, remainder dropped per epoch. max_prompt_len: prompts are left-padded to it; longer prompts are dropped and
     counted. epoch_batches: as `SFTConfig.epoch_batches` (`rl_epoch_batches()` counts them)."""
 
     batch_size: int = 128
@@ -522,7 +520,7 @@ class PromptBatchConfig:
 
 
 def encode_prompt(example: Example, tokenizer, config: PromptBatchConfig) -> dict:
-    """One example -> its prompt ids (chat template + generation prompt, image pads expanded) and metadata."""
+    """One example -> its prompt ids (chat template + generation prompt, image pads expanded) and ground truth."""
     if not (example.answer or "").strip():
         raise BadRow("empty_answer", "no ground-truth answer")
     pixel_values, grid, pads = _images(example, config.image)
@@ -531,20 +529,16 @@ def encode_prompt(example: Example, tokenizer, config: PromptBatchConfig) -> dic
     if len(ids) > config.max_prompt_len:
         raise BadRow("prompt_too_long", f"prompt has {len(ids)} tokens, the budget is {config.max_prompt_len}")
     out = {"prompt_ids": np.asarray(ids, np.int32), "id": example.id, "answer": example.answer,
-           "question": example.question, "choices": example.choices, "meta": example.meta}
+           "question": example.question, "choices": example.choices}
     if pixel_values is not None:
         out["pixel_values"], out["image_grid_thw"] = pixel_values, grid
     return out
 
 
-def _prompt_batch_fn(max_prompt_len: int, pad_id: int, batch_size: Optional[int] = None) -> Callable:
-    """Left-pad prompts; with `batch_size` (eval) fill a short last batch with invalid copies of its last row."""
+def _prompt_batch_fn(max_prompt_len: int, pad_id: int) -> Callable:
+    """Left-pad prompts into [rows, max_prompt_len], with their ground truth alongside."""
 
     def batch(rows: Sequence[dict]) -> dict:
-        valid = [True] * len(rows)
-        if batch_size is not None and len(rows) < batch_size:
-            valid += [False] * (batch_size - len(rows))
-            rows = list(rows) + [rows[-1]] * (batch_size - len(rows))
         n = len(rows)
         prompt_ids = np.full((n, max_prompt_len), pad_id, np.int32)
         lengths = np.asarray([len(r["prompt_ids"]) for r in rows], np.int32)
@@ -557,9 +551,6 @@ def _prompt_batch_fn(max_prompt_len: int, pad_id: int, batch_size: Optional[int]
             "ids": [r["id"] for r in rows], "answers": [r["answer"] for r in rows],
             "questions": [r["question"] for r in rows], "choices": [r["choices"] for r in rows],
         }
-        if batch_size is not None:
-            out["valid"] = np.asarray(valid, bool)
-            out["meta"] = [r["meta"] for r in rows]
         _concat_images(rows, out)
         return out
 
