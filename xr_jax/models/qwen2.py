@@ -19,7 +19,6 @@ import numpy as np
 
 from xr_jax.models.attention import (
     attention,
-    attention_mask,
     decode_attention,
     dot_product_attention,
     resolve_attention,
