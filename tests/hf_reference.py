@@ -1,8 +1,13 @@
 """The references the parity tests compare against: tiny random transformers models (built offline from
-configs) and transformers' vision-tower index arrays and parameter tree, from ours."""
+configs) and transformers' vision-tower index arrays and parameter tree, from ours; and our model decoded
+token by token through the sampler's cached path (`cached_logits`), to compare with its full forward."""
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 from transformers import (
@@ -13,7 +18,10 @@ from transformers import (
 )
 
 from xr_jax.models import hf_tree, naming, vision
-from xr_jax.models.config import VisionConfig
+from xr_jax.models.config import ModelConfig, VisionConfig
+from xr_jax.models.layers import as_dtype
+from xr_jax.models.qwen2 import decode_weights, extend_layer_cache
+from xr_jax.models.qwen2_5_vl import decode_step, prefill
 
 TEXT = dict(
     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -107,3 +115,20 @@ def vision_params_from_hf(tensors: dict[str, np.ndarray], prefix: str = "visual.
         tree = tree[key]
     return tree
 
+
+
+def cached_logits(cfg: ModelConfig, tree, ids, positions, am, prompt: int, pixel_values=None, vision_layout=None):
+    """Logits [B, L, V] of every token of ids [B, L], decoded as the sampler decodes: `prefill` of the first
+    `prompt` tokens (left padding per `am`), then one `decode_step` per later token (text: its three M-RoPE
+    axes equal). Also returns the per-layer KV buffers after the last token."""
+    weights = decode_weights(tree, as_dtype(cfg.dtype))
+    cache, logits = prefill(weights, ids[:, :prompt], positions[..., :prompt], am[:, :prompt], pixel_values,
+                            vision_layout, model=cfg, all_logits=True)
+    kv, outs = extend_layer_cache(cache["kv"], ids.shape[1] - prompt), [np.asarray(logits)]
+    step = jax.jit(functools.partial(decode_step, model=cfg))
+    for t in range(prompt, ids.shape[1]):
+        assert (positions[:, :, t] == positions[:, :1, t]).all()
+        bounds = (cache["start"], jnp.full_like(cache["start"], t + 1))
+        lg, kv = step(weights, ids[:, t], positions[:, 0, t], bounds, kv, t)
+        outs.append(np.asarray(lg)[:, None])
+    return np.concatenate(outs, axis=1), kv

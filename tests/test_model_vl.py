@@ -12,7 +12,6 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from tests import hf_reference as ref
 from xr_jax.models import hf
 from xr_jax.models.config import tiny_vl_config
-from xr_jax.models.qwen2 import init_cache
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL, check_image_tokens, get_rope_index
 from xr_jax.models.vision import vision_layout, window_count
 
@@ -108,17 +107,7 @@ def test_image_prompt_kv_cache_matches_full_forward(vl):
     cfg = tiny_vl_config()
     ids, am, grid, pixels = _batch([([(1, 4, 6)], [2, 6]), 9], seed=9)
     full, pos = _ours(tree, cfg, ids, am, grid, pixels)
-    model = Qwen2_5_VL(cfg)
-    prompt = ids.shape[1] - 4
-    cache = init_cache(cfg, batch=2, max_len=ids.shape[1])
-    layout = vision_layout(grid, cfg.vision)
-    lg, cache = model.apply({"params": tree}, ids[:, :prompt], pos[:, :, :prompt], am[:, :prompt],
-                            pixel_values=pixels, vision_layout=layout, cache=cache)
-    outs = [np.asarray(lg)]
-    for t in range(prompt, ids.shape[1]):
-        lg, cache = model.apply({"params": tree}, ids[:, t:t + 1], pos[:, :, t:t + 1], am[:, t:t + 1], cache=cache)
-        outs.append(np.asarray(lg))
-    got = np.concatenate(outs, axis=1)
+    got, _ = ref.cached_logits(cfg, tree, ids, pos, am, ids.shape[1] - 4, pixels, vision_layout(grid, cfg.vision))
     assert np.abs(got - full)[am.astype(bool)].max() < 1e-5
 
 

@@ -10,7 +10,7 @@ from tests.pipeline_reference import attention_mask as reference_mask
 from xr_jax.data.pipeline import SFTConfig, sft_pipeline
 from xr_jax.data.synthetic import SyntheticConfig, synthetic_source
 from xr_jax.data.tokenizer import load_tokenizer
-from xr_jax.models import qwen2
+from xr_jax.models import attention
 from xr_jax.models.config import tiny_vl_config
 from xr_jax.models.qwen2_5_vl import Qwen2_5_VL, init_params
 
@@ -25,7 +25,7 @@ def test_packed_row_logits_equal_each_example_alone():
     assert batch["segment_ids"].max() >= 2  # several examples share a row
     # the model's mask is the pipeline's reference mask
     idx = np.arange(batch["segment_ids"].shape[1])
-    model_mask = np.asarray(qwen2.attention_mask(batch["segment_ids"], batch["segment_ids"], idx, idx))[:, 0]
+    model_mask = np.asarray(attention.attention_mask(batch["segment_ids"], batch["segment_ids"], idx, idx))[:, 0]
     np.testing.assert_array_equal(model_mask, reference_mask(batch["segment_ids"]))
 
     model = Qwen2_5_VL(cfg)

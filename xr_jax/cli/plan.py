@@ -471,8 +471,8 @@ def search(measure_fn, budget: Budget, batch_size: int, meshes: Sequence[tuple],
 
 
 def kv_cache(model_cfg, mesh: tuple[int, ...], rows: int, length: int, sampling_params: int) -> KVCache:
-    """The sampler's cache (k and v [layers, rows, length, kv_heads, head_dim] in the compute dtype,
-    `models.qwen2.init_cache`), sharded as `CACHE_AXES`: rows over data x fsdp, kv heads over tensor."""
+    """The sampler's cache (per layer, k and v [rows, kv_heads, length, head_dim] in the compute dtype,
+    `models.qwen2.init_layer_cache`), sharded as `LAYER_CACHE_AXES`: rows over data x fsdp, kv heads over tensor."""
     t = model_cfg.text
     per_token = t.num_layers * 2 * t.num_kv_heads * t.head_dim * _itemsize(model_cfg.dtype)
     dp = mesh[0] * mesh[1] if rows % (mesh[0] * mesh[1]) == 0 else 1

@@ -1,19 +1,16 @@
 """The Qwen2 / Qwen2.5 text decoder (also the language model inside Qwen2.5-VL).
 
-One code path serves training (full sequence, packed rows via segment ids) and decoding (a static
-KV cache written at `cache["index"]`). Decoder layers live under `nn.scan` with params stacked on a
-leading `layers` axis — the layout of `xr_jax.models.naming`; `scan_layers=False` unrolls the same
-scan, so the param tree never changes.
+Training runs the full sequence (packed rows via segment ids) with the decoder layers under `nn.scan`,
+params stacked on a leading `layers` axis — the layout of `xr_jax.models.naming`; `scan_layers=False`
+unrolls the same scan, so the param tree never changes.
 
-The sampler decodes through `decode_weights` / `run_layers` instead: the same `DecoderLayer`, applied
-layer by layer to per-layer weights (split from the stack and cast once per rollout) and per-layer
-KV buffers [B, K, S, H], so that a decode step reads each weight and each cache entry once, with no
-per-layer slice or transpose copies.
+Decoding (the sampler, `qwen2_5_vl.prefill` / `decode_step`) goes through `decode_weights` / `run_layers`:
+the same `DecoderLayer`, applied layer by layer to per-layer weights (split from the stack and cast once
+per rollout) and per-layer KV buffers [B, K, S, H], so that a decode step reads each weight and each
+cache entry once, with no per-layer slice or transpose copies.
 """
 
 from __future__ import annotations
-
-from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -22,16 +19,12 @@ import numpy as np
 
 from xr_jax.models.attention import (
     attention,
-    attention_mask,
     decode_attention,
     dot_product_attention,
     resolve_attention,
 )
 from xr_jax.models.config import ModelConfig, TextConfig
 from xr_jax.models.layers import MLP, Dense, RMSNorm, apply_rotary, as_dtype, matmul, remat_policy
-
-Cache = dict[str, Any]
-
 
 def text_rotary(positions, cfg: TextConfig, dtype):
     """cos/sin [B, T, head_dim] for positions [B, 3, T] (M-RoPE) — cast to the compute dtype as transformers does.
@@ -57,14 +50,12 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv=None, layer=None, cache_index=None):
-        """Three cache modes. No cache: `mask` is the segment ids [B, T] (causal attention within segments,
-        `attention.attention`). Per-layer buffers (`run_layers`, `layer` None): this layer's (k, v)
-        [B, K, S, H]; the new k/v go in at slot cache_index, and `mask` is either (start, end) [B] for one
-        decode token (`attention.decode_attention` over the live slots) or the [B, 1, T, T] mask of a prompt
-        written at slot 0 into buffers of T slots (it attends over its own k/v). Stacked cache with a `layer`
-        index (the model's `cache=` argument): (k, v) [layers, B, S, K, H], written in place at
-        (layer, :, cache_index), attended under `mask` [B, 1, T, S]."""
+    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+        """Without a cache (training), `mask` is the segment ids [B, T]: causal attention within segments
+        (`attention.attention`). With this layer's per-layer KV buffers (`run_layers`): (k, v) [B, K, S, H];
+        the new k/v go in at slot cache_index, and `mask` is either (start, end) [B] for one decode token
+        (`attention.decode_attention` over the live slots) or the [B, 1, T, T] mask of a prompt written at
+        slot 0 into buffers of T slots (it attends over its own k/v)."""
         tc, dtype, pdt = self.cfg.text, as_dtype(self.cfg.dtype), as_dtype(self.cfg.param_dtype)
         b, t, _ = x.shape
         hd = tc.head_dim
@@ -78,7 +69,7 @@ class Attention(nn.Module):
         new_kv = None
         if cache_kv is None:
             out = attention(q, k, v, mask, impl=resolve_attention(self.cfg.attention, False, self.cfg.dtype))
-        elif layer is None:
+        else:
             new_kv = tuple(
                 jax.lax.dynamic_update_slice(c, jnp.swapaxes(a, 1, 2).astype(c.dtype), (0, 0, cache_index, 0))
                 for c, a in zip(cache_kv, (k, v))
@@ -88,37 +79,24 @@ class Attention(nn.Module):
                 out = decode_attention(q[:, 0], *(c.astype(dtype) for c in new_kv), *mask, impl=impl)[:, None]
             else:
                 out = dot_product_attention(q, k, v, mask, "einsum")
-        else:
-            ck, cv = cache_kv
-            at = (layer, 0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-            new_kv = (ck, cv)
-            k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(dtype)
-            v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(dtype)
-            out = dot_product_attention(q, k, v, mask, "einsum")
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         out = Dense(tc.hidden_size, ("heads", "embed"), False, dtype, pdt, name="o_proj")(out.reshape(b, t, -1))
         return out, new_kv
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block; scan signature `((h, cache_kv), layer, *broadcast) -> ((h, new_cache_kv), None)`.
-
-    The whole stacked KV cache rides in the scan carry and each layer updates its slot in place: as
-    scanned input/output instead, XLA would copy the full cache every decode step (measured: about
-    half the step time of a 0.5B model at batch 64 on an H200).
-    """
+    """Pre-norm block; scan signature `((h, cache_kv), *broadcast) -> ((h, new_cache_kv), None)` (cache_kv None
+    in training; one layer's buffers when `run_layers` applies it)."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, layer, cos, sin, mask, cache_index):
+    def __call__(self, carry, cos, sin, mask, cache_index):
         h, cache_kv = carry
         tc, dtype, pdt = self.cfg.text, as_dtype(self.cfg.dtype), as_dtype(self.cfg.param_dtype)
         norm = lambda name: RMSNorm(tc.rms_norm_eps, "embed", dtype, pdt, name=name)  # noqa: E731
         a, new_kv = Attention(self.cfg, name="self_attn")(
-            norm("input_layernorm")(h), cos, sin, mask, cache_kv, layer, cache_index
+            norm("input_layernorm")(h), cos, sin, mask, cache_kv, cache_index
         )
         h = h + a
         h = h + MLP(tc.hidden_size, tc.intermediate_size, dtype=dtype, param_dtype=pdt, name="mlp")(
@@ -146,59 +124,28 @@ class TextModel(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=tc.num_layers,
             unroll=1 if self.cfg.scan_layers else tc.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(self.cfg)
         self.norm = RMSNorm(tc.rms_norm_eps, "embed", dtype, pdt)
 
-    def layer_ids(self):
-        return jnp.arange(self.cfg.text.num_layers, dtype=jnp.int32)
-
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
 
-    def __call__(self, embeds, positions, segment_ids, cache: Optional[Cache] = None):
-        """embeds [B,T,D], positions [B,3,T], segment_ids [B,T] (0 = padding) -> (hidden [B,T,D], cache)."""
+    def __call__(self, embeds, positions, segment_ids):
+        """embeds [B,T,D], positions [B,3,T], segment_ids [B,T] (0 = padding) -> final hidden [B,T,D]."""
         dtype = as_dtype(self.cfg.dtype)
-        t = embeds.shape[1]
         cos, sin = text_rotary(positions, self.cfg.text, dtype)
         h = nn.with_logical_constraint(embeds.astype(dtype), ("act_batch", "act_length", "act_embed"))
-        if cache is None:
-            (h, _), _ = self.layers((h, None), self.layer_ids(), cos, sin, segment_ids, None)
-            return self.norm(h), None
-        start = cache["index"]
-        kv_segment = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, start))
-        mask = attention_mask(segment_ids, kv_segment, start + jnp.arange(t), jnp.arange(kv_segment.shape[1]))
-        (h, (k, v)), _ = self.layers((h, (cache["k"], cache["v"])), self.layer_ids(), cos, sin, mask, start)
-        return self.norm(h), {"k": k, "v": v, "segment_ids": kv_segment, "index": start + t}
+        (h, _), _ = self.layers((h, None), cos, sin, segment_ids, None)
+        return self.norm(h)
 
     def attend(self, h):
         """Tied LM head: logits = h @ embedding.T (as `nn.Embed.attend`, through `layers.matmul`)."""
         dtype = as_dtype(self.cfg.dtype)
         return matmul(h.astype(dtype), self.embed_tokens.embedding.astype(dtype).T)
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
-    """An empty KV cache: k/v [layers, B, S, kv_heads, head_dim], per-slot segment ids, write index 0."""
-    tc = cfg.text
-    dtype = as_dtype(dtype or cfg.dtype)
-    shape = (tc.num_layers, batch, max_len, tc.num_kv_heads, tc.head_dim)
-    return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-        "index": jnp.zeros((), jnp.int32),
-    }
-
-
-CACHE_AXES = {
-    "k": ("layers", "act_batch", "act_length", "act_kv_heads", None),
-    "v": ("layers", "act_batch", "act_length", "act_kv_heads", None),
-    "segment_ids": ("act_batch", "act_length"),
-    "index": (),
-}
 
 
 # ----------------------------------------------------------------------------------- per-layer decoding
@@ -228,6 +175,15 @@ def init_layer_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> tu
 LAYER_CACHE_AXES = ("act_batch", "act_kv_heads", "act_length", None)
 
 
+def extend_layer_cache(kv: tuple, extra: int, repeat: int = 1) -> tuple:
+    """Prompt-sized per-layer buffers made ready for decoding: each row repeated `repeat` times (a sampling
+    group shares one prefill), then `extra` empty slots appended for the tokens fed back."""
+    def grow(c):
+        c = jnp.repeat(c, repeat, axis=0) if repeat > 1 else c
+        return nn.with_logical_constraint(jnp.pad(c, ((0, 0), (0, 0), (0, extra), (0, 0))), LAYER_CACHE_AXES)
+    return tuple((grow(k), grow(v)) for k, v in kv)
+
+
 def run_layers(cfg: ModelConfig, layers: tuple, embeds, positions, mask, kv: tuple, index):
     """The decoder layers unrolled over per-layer weights (`decode_weights`) and buffers (`init_layer_cache`):
     embeds [B, T, D] at positions [B, 3, T] written at slot `index`; `mask` as `Attention` takes it with
@@ -237,6 +193,6 @@ def run_layers(cfg: ModelConfig, layers: tuple, embeds, positions, mask, kv: tup
     h = nn.with_logical_constraint(embeds.astype(dtype), ("act_batch", "act_length", "act_embed"))
     layer, new_kv = DecoderLayer(cfg), []
     for params, layer_kv in zip(layers, kv):
-        (h, layer_kv), _ = layer.apply({"params": params}, (h, layer_kv), None, cos, sin, mask, index)
+        (h, layer_kv), _ = layer.apply({"params": params}, (h, layer_kv), cos, sin, mask, index)
         new_kv.append(layer_kv)
     return h, tuple(new_kv)

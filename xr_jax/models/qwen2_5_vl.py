@@ -1,7 +1,9 @@
 """Qwen2.5-VL (and text-only Qwen2/Qwen2.5): vision features merged into the text decoder.
 
-`Qwen2_5_VL.apply(params, ...)` is the whole model as a pure function. Host-side helpers compute
-what jit cannot: M-RoPE positions (`get_rope_index`) and the image-token count check.
+`Qwen2_5_VL.apply(params, ...)` is the whole model as a pure function (training, full sequences).
+Decoding is `prefill` then `decode_step`, over `qwen2.decode_weights` and per-layer KV buffers: the
+sampler's step, and what the cached-decoding tests check against the full forward. Host-side helpers
+compute what jit cannot: M-RoPE positions (`get_rope_index`) and the image-token count check.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import itertools
 from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xr_jax.models.attention import attention_mask
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.layers import Dense, as_dtype
-from xr_jax.models.qwen2 import Cache, TextModel
+from xr_jax.models.qwen2 import TextModel, init_layer_cache, run_layers
 
 
 class Qwen2_5_VL(nn.Module):
@@ -45,22 +49,18 @@ class Qwen2_5_VL(nn.Module):
         segment_ids,
         pixel_values=None,
         vision_layout=None,
-        cache: Optional[Cache] = None,
         return_hidden: bool = False,
     ):
         """input_ids/segment_ids [B,T]; positions [B,3,T] (or [B,T] for text-only models).
 
         pixel_values [P, patch_dim] with its `vision_layout` fill the `<|image_pad|>` rows in batch
         order (the count must have been checked on the host: `check_image_tokens`).
-        Returns (logits [B,T,V] in the compute dtype — or the final hidden states — , new cache).
+        Returns (logits [B,T,V] in the compute dtype — or the final hidden states — , None).
         """
         if positions.ndim == 2:
             positions = jnp.broadcast_to(positions[:, None], (positions.shape[0], 3, positions.shape[1]))
-        embeds = self.embed_inputs(input_ids, pixel_values, vision_layout)
-        hidden, cache = self.model(embeds, positions, segment_ids, cache)
-        if return_hidden:
-            return hidden, cache
-        return self.logits(hidden), cache
+        hidden = self.model(self.embed_inputs(input_ids, pixel_values, vision_layout), positions, segment_ids)
+        return (hidden if return_hidden else self.logits(hidden)), None
 
     def embed_inputs(self, input_ids, pixel_values=None, vision_layout=None):
         """Token embeddings [B, T, D] with the image features merged in (what the decoder layers take)."""
@@ -70,7 +70,7 @@ class Qwen2_5_VL(nn.Module):
         return embeds
 
     def final_logits(self, hidden):
-        """Logits of the last decoder layer's output (final norm, then the LM head): for `qwen2.run_layers`."""
+        """Logits of the last decoder layer's output (final norm, then the LM head): for `decode_step`."""
         return self.logits(self.model.norm(hidden))
 
     def merge_image_features(self, input_ids, embeds, features):
@@ -93,6 +93,36 @@ class Qwen2_5_VL(nn.Module):
         if self.cfg.text.tie_word_embeddings:
             return self.model.embed_tokens.embedding.astype(dtype).T
         return self.lm_head.variables["params"]["kernel"].astype(dtype)
+
+
+def prefill(weights, input_ids, positions, segment_ids, pixel_values=None, vision_layout=None, *,
+            model: ModelConfig, all_logits: bool = False):
+    """The prompt forward of decoding, over `qwen2.decode_weights`, into per-layer buffers of the prompt's L slots.
+
+    input_ids/segment_ids [B, L] (left padding: segment 0), positions [B, 3, L]. Returns (cache, logits):
+    cache {"kv": per-layer (k, v) [B, K, L, H], "start": [B] first live slot (after the padding)}; logits
+    [B, V] of the last prompt token (what the first sampled token needs), or of every token [B, L, V]
+    with `all_logits`."""
+    net, rest = Qwen2_5_VL(model), {"params": weights["rest"]}
+    b, length = input_ids.shape
+    embeds = net.apply(rest, input_ids, pixel_values, vision_layout, method=Qwen2_5_VL.embed_inputs)
+    idx = jnp.arange(length)
+    mask = attention_mask(segment_ids, segment_ids, idx, idx)
+    hidden, kv = run_layers(model, weights["layers"], embeds, positions, mask, init_layer_cache(model, b, length), 0)
+    start = (length - jnp.sum(segment_ids != 0, axis=1)).astype(jnp.int32)
+    logits = net.apply(rest, hidden if all_logits else hidden[:, -1], method=Qwen2_5_VL.final_logits)
+    return {"kv": kv, "start": start}, logits
+
+
+def decode_step(weights, token_ids, positions, bounds, kv, index, *, model: ModelConfig):
+    """One decode token per row: token_ids [B] at positions [B] (M-RoPE: all three axes advance together after
+    the prompt) written at slot `index` of the per-layer buffers `kv`, attending over the live slots
+    bounds = (start, end) [B] (end includes this token). Returns (logits [B, V], the new buffers)."""
+    net, rest = Qwen2_5_VL(model), {"params": weights["rest"]}
+    pos = jnp.broadcast_to(positions[:, None, None], (positions.shape[0], 3, 1))
+    h = net.apply(rest, token_ids[:, None], method=Qwen2_5_VL.embed_inputs)
+    h, kv = run_layers(model, weights["layers"], h, pos, bounds, kv, index)
+    return net.apply(rest, h, method=Qwen2_5_VL.final_logits)[:, 0], kv
 
 
 def check_image_tokens(input_ids: np.ndarray, image_grid_thw: Optional[np.ndarray], cfg: ModelConfig) -> None:
@@ -178,6 +208,4 @@ def init_params(cfg: ModelConfig, rng) -> dict:
 
 def abstract_params(cfg: ModelConfig) -> dict:
     """Unboxed ShapeDtypeStructs of the params — shapes without allocating anything."""
-    import jax
-
     return nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))))

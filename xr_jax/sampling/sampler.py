@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 from typing import Any, NamedTuple, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,8 +44,8 @@ from xr_jax.sampling.byte_match import ByteMatcher, token_byte_table
 from xr_jax.errors import UserError
 from xr_jax.models.config import ModelConfig
 from xr_jax.models.layers import as_dtype
-from xr_jax.models.qwen2 import LAYER_CACHE_AXES, attention_mask, decode_weights, init_layer_cache, run_layers
-from xr_jax.models.qwen2_5_vl import Qwen2_5_VL, check_image_tokens, get_rope_index
+from xr_jax.models.qwen2 import decode_weights, extend_layer_cache
+from xr_jax.models.qwen2_5_vl import check_image_tokens, decode_step, get_rope_index, prefill
 
 # finish reasons: EOS = stopped on a stop id; FORCED_EXIT = forced, then stopped on a stop id;
 # LENGTH = ran out of tokens (forced or not: a forced row that also exhausts max_answer is LENGTH).
@@ -315,20 +314,6 @@ class DecodeProgram:
     chunk: int  # tokens per stop test
 
 
-def _prefill(weights, input_ids, positions, segment_ids, pixel_values, vision_layout, *, model: ModelConfig):
-    """Prompt forward into prompt-sized per-layer buffers; logits [B, V] of the last prompt token only.
-
-    The cache: {"kv": per-layer (k, v) [B, K, L, H], "start": [B] first live slot (after the left padding)}."""
-    net, rest = Qwen2_5_VL(model), {"params": weights["rest"]}
-    b, length = input_ids.shape
-    embeds = net.apply(rest, input_ids, pixel_values, vision_layout, method=Qwen2_5_VL.embed_inputs)
-    idx = jnp.arange(length)
-    mask = attention_mask(segment_ids, segment_ids, idx, idx)
-    hidden, kv = run_layers(model, weights["layers"], embeds, positions, mask, init_layer_cache(model, b, length), 0)
-    start = (length - jnp.sum(segment_ids != 0, axis=1)).astype(jnp.int32)
-    return {"kv": kv, "start": start}, net.apply(rest, hidden[:, -1], method=Qwen2_5_VL.final_logits)
-
-
 class DecodeKnobs(NamedTuple):
     """The runtime part of a decode: arrays, so that changing them reuses the compiled program."""
 
@@ -400,26 +385,22 @@ def choose(t, logits, state: DecodeState, knobs: DecodeKnobs, row_keys, program:
 def _decode(weights, prompt_cache, logits, next_position, row_keys, knobs: DecodeKnobs, *, program: DecodeProgram):
     """Broadcast the prompt cache to the group once, then choose T tokens per row: a `while_loop` over chunks
     of `program.chunk` tokens (each a loop of known trip count) that stops once every row is done."""
-    net, rest, T = Qwen2_5_VL(program.model), {"params": weights["rest"]}, program.max_new
+    T = program.max_new
     rep = lambda x, axis: jnp.repeat(x, program.group_size, axis=axis) if program.group_size > 1 else x  # noqa: E731
     logits, next_position, start = rep(logits, 0), rep(next_position, 0), rep(prompt_cache["start"], 0)
     n = logits.shape[0]
     prompt_len = prompt_cache["kv"][0][0].shape[2]
     # slots for fed-back tokens: T - 1 (the last token is never fed)
-    grow = lambda c: nn.with_logical_constraint(  # noqa: E731
-        jnp.pad(rep(c, 0), ((0, 0), (0, 0), (0, T - 1), (0, 0))), LAYER_CACHE_AXES)
-    kv = tuple((grow(k), grow(v)) for k, v in prompt_cache["kv"])
+    kv = extend_layer_cache(prompt_cache["kv"], T - 1, program.group_size)
     state = choose(0, logits, DecodeState.empty(n, T, program.pad_id), knobs, row_keys, program)
 
     def step(t, kv, state):
         """Feed token t - 1 of every row (slot prompt_len + t - 1), choose token t."""
-        pos = jnp.broadcast_to((next_position + t - 1)[:, None, None], (n, 3, 1))
-        h = net.apply(rest, state.last[:, None], method=Qwen2_5_VL.embed_inputs)
         index = prompt_len + t - 1
         bounds = (start, jnp.full_like(start, index + 1))  # live slots: after the padding, up to this token
-        h, kv = run_layers(program.model, weights["layers"], h, pos, bounds, kv, index)
-        step_logits = net.apply(rest, h, method=Qwen2_5_VL.final_logits)
-        return kv, choose(t, step_logits[:, 0], state, knobs, row_keys, program)
+        step_logits, kv = decode_step(
+            weights, state.last, next_position + t - 1, bounds, kv, index, model=program.model)
+        return kv, choose(t, step_logits, state, knobs, row_keys, program)
 
     def steps(carry, count: int):
         """`count` (static) steps from carry's t: a loop XLA knows the trip count of."""
@@ -443,7 +424,7 @@ def _decode(weights, prompt_cache, logits, next_position, row_keys, knobs: Decod
 
 
 # Module-level so every Sampler with the same static structure shares the compiled programs.
-prefill_jit = jax.jit(_prefill, static_argnames=("model",))
+prefill_jit = jax.jit(prefill, static_argnames=("model", "all_logits"))
 decode_jit = jax.jit(_decode, static_argnames=("program",))
 weights_jit = jax.jit(decode_weights, static_argnames=("dtype",))
 
