@@ -397,10 +397,22 @@ def choose(t, logits, state: DecodeState, knobs: DecodeKnobs, row_keys, program:
     )
 
 
+def model_step(weights, kv, last, t, next_position, start, prompt_len: int, *, model: ModelConfig):
+    """Feed token t - 1 of every row (`last`, written at slot prompt_len + t - 1 of the per-layer buffers `kv`):
+    (logits [n, V] for token t, the new buffers). One token of the decode loop, less the choice."""
+    net, rest, n = Qwen2_5_VL(model), {"params": weights["rest"]}, last.shape[0]
+    pos = jnp.broadcast_to((next_position + t - 1)[:, None, None], (n, 3, 1))
+    h = net.apply(rest, last[:, None], method=Qwen2_5_VL.embed_inputs)
+    index = prompt_len + t - 1
+    bounds = (start, jnp.full_like(start, index + 1))  # live slots: after the padding, up to this token
+    h, kv = run_layers(model, weights["layers"], h, pos, bounds, kv, index)
+    return net.apply(rest, h, method=Qwen2_5_VL.final_logits)[:, 0], kv
+
+
 def _decode(weights, prompt_cache, logits, next_position, row_keys, knobs: DecodeKnobs, *, program: DecodeProgram):
     """Broadcast the prompt cache to the group once, then choose T tokens per row: a `while_loop` over chunks
     of `program.chunk` tokens (each a loop of known trip count) that stops once every row is done."""
-    net, rest, T = Qwen2_5_VL(program.model), {"params": weights["rest"]}, program.max_new
+    T = program.max_new
     rep = lambda x, axis: jnp.repeat(x, program.group_size, axis=axis) if program.group_size > 1 else x  # noqa: E731
     logits, next_position, start = rep(logits, 0), rep(next_position, 0), rep(prompt_cache["start"], 0)
     n = logits.shape[0]
@@ -412,14 +424,8 @@ def _decode(weights, prompt_cache, logits, next_position, row_keys, knobs: Decod
     state = choose(0, logits, DecodeState.empty(n, T, program.pad_id), knobs, row_keys, program)
 
     def step(t, kv, state):
-        """Feed token t - 1 of every row (slot prompt_len + t - 1), choose token t."""
-        pos = jnp.broadcast_to((next_position + t - 1)[:, None, None], (n, 3, 1))
-        h = net.apply(rest, state.last[:, None], method=Qwen2_5_VL.embed_inputs)
-        index = prompt_len + t - 1
-        bounds = (start, jnp.full_like(start, index + 1))  # live slots: after the padding, up to this token
-        h, kv = run_layers(program.model, weights["layers"], h, pos, bounds, kv, index)
-        step_logits = net.apply(rest, h, method=Qwen2_5_VL.final_logits)
-        return kv, choose(t, step_logits[:, 0], state, knobs, row_keys, program)
+        step_logits, kv = model_step(weights, kv, state.last, t, next_position, start, prompt_len, model=program.model)
+        return kv, choose(t, step_logits, state, knobs, row_keys, program)
 
     def steps(carry, count: int):
         """`count` (static) steps from carry's t: a loop XLA knows the trip count of."""
