@@ -56,6 +56,7 @@ class DecodeShape:
     dtype: str = "float32"  # compute and KV-cache dtype
     sampling_dtype: Optional[str] = None  # the weights' dtype in decode (None: dtype)
     mesh: tuple[int, int, int] = (1, 1, 1)
+    layers: Optional[int] = None  # the preset's decoder layers unless set (a faster compile)
 
     @property
     def weights_dtype(self) -> str:
@@ -370,12 +371,12 @@ def ideal_decode_bytes(cfg, shape: DecodeShape) -> int:
 
 
 def layer_bytes(cfg, shape: DecodeShape) -> int:
-    """Half the smaller of one layer's smallest matmul weight and one layer's K cache, per device (split over
-    the whole mesh: a lower bound of any layout's shard)."""
+    """Half the smaller of one layer's smallest matmul weight (whole: the sampler replicates its weights) and
+    one layer's K cache on a device (rows split over the mesh): smaller ops are activations, not layer-sized."""
     t = cfg.text
     weight = t.hidden_size * t.num_kv_heads * t.head_dim * _itemsize(shape.weights_dtype)
     k_cache = shape.rows * (shape.prompt + shape.new) * t.num_kv_heads * t.head_dim * _itemsize(shape.dtype)
-    return min(weight, k_cache) // (2 * math.prod(shape.mesh))
+    return min(weight, k_cache // math.prod(shape.mesh)) // 2
 
 
 def _cost(compiled) -> dict:
@@ -419,7 +420,8 @@ def _operands(ins: Instr) -> list[str]:
 
 
 def _step_bytes(lower, args, kw, device=None) -> dict:
-    """cost_analysis bytes of one compiled step: raw, and corrected for gathers (`gather_overcount`)."""
+    """cost_analysis bytes of one compiled step: raw, and corrected for gathers (`gather_overcount`) on this
+    host's backend (XLA:CPU's overcount; `device`, a TPU chip: XLA:TPU's cost model, not corrected)."""
     import jax
 
     if device is not None:
@@ -427,7 +429,7 @@ def _step_bytes(lower, args, kw, device=None) -> dict:
                                       if isinstance(x, jax.ShapeDtypeStruct) else x, args)
     compiled = lower(*args, **kw).compile()
     raw = float(_cost(compiled).get("bytes accessed", 0.0))
-    over = gather_overcount(compiled.as_text())
+    over = gather_overcount(compiled.as_text()) if device is None else 0
     return {"raw": raw, "gather_overcount": over, "corrected": raw - over}
 
 
@@ -452,6 +454,10 @@ def check_decode(shape: DecodeShape, hlo_dir: Optional[str] = None, tpu: Optiona
     from xr_jax.models.presets import preset
 
     cfg = preset(shape.preset, dtype=shape.dtype)
+    if shape.layers:
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_layers=shape.layers))
+    if tpu:  # what "auto" picks on a TPU host (this host's backend is not one): Pallas TPU decode attention
+        cfg = cfg.replace(attention="splash")
     devices = tpu_devices(tpu) if tpu else None
     mesh = parallel.make_mesh(shape.mesh, devices) if tpu or math.prod(shape.mesh) > 1 else None
     step, model, (loop_lower, loop_args, loop_kw) = decode_programs(cfg, shape, mesh)
@@ -479,7 +485,12 @@ def check_decode(shape: DecodeShape, hlo_dir: Optional[str] = None, tpu: Optiona
         name = f"decode_{shape.preset}_{'x'.join(map(str, shape.mesh))}_{platform}.hlo.txt"
         with open(os.path.join(hlo_dir, name), "w") as f:
             f.write(text)
-    return {**report, "loop": loop_report(text, layer_bytes(cfg, shape))}
+    report["loop"] = loop_report(text, layer_bytes(cfg, shape))
+    if tpu:
+        from bench.attention_lowering import tpu_kernels
+
+        report["loop"]["tpu_kernels"] = tpu_kernels(text)
+    return report
 
 
 def check_sft_attention(seq: int = 256) -> dict:
@@ -525,6 +536,8 @@ def format_report(decode: dict, attention: Optional[dict] = None) -> str:
         lines.append(f"  layer-sized moves per token ({len(moves)} kinds, >= {loop['layer_bytes_threshold']} B)"
                      + ("" if moves else ": none"))
         lines += [f"    {m['count']:>5} x {m['kind']:<24} {m['type']}" for m in moves[:20]]
+        if "tpu_kernels" in loop:
+            lines.append(f"  TPU kernels      {loop['tpu_kernels'] or 'none'}")
     lines.append(f"  compile          {decode['compile_s']}")
     if attention is not None:
         lines.append(f"sft attention (CUDA lowering): {json.dumps(attention)}")
@@ -548,6 +561,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--sampling-dtype", default=None, choices=["float32", "bfloat16"],
                    help="dtype of the weights the decode reads (default: --dtype)")
+    p.add_argument("--layers", type=int, help="decoder layers (default: the preset's; fewer compile faster)")
     p.add_argument("--mesh", type=_mesh, default=(1, 1, 1), help="data x fsdp x tensor, e.g. 1x4x1")
     p.add_argument("--tpu", metavar="TOPOLOGY", help="compile for a libtpu topology, e.g. v5e:2x2 (deviceless)")
     p.add_argument("--sft-attention", action="store_true", help="also check the SFT step's CUDA attention lowering")
@@ -562,7 +576,7 @@ def main(argv=None) -> dict:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     shape = DecodeShape(args.preset, args.batch, args.prompt, args.new, args.group, args.dtype, args.sampling_dtype,
-                        args.mesh)
+                        args.mesh, args.layers)
     report = {"decode": check_decode(shape, args.hlo_dir, args.tpu)}
     if args.sft_attention:
         report["sft_attention"] = check_sft_attention()
