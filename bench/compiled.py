@@ -2,18 +2,28 @@
 them on abstract inputs (nothing allocated, no accelerator needed).
 
     python -m bench.compiled --preset qwen2.5-0.5b --batch 64 --prompt 128 --new 256
-    python -m bench.compiled --preset tiny --batch 8 --prompt 16 --new 8 --mesh 1x4x1 --json out.json
+    python -m bench.compiled --preset tiny --batch 8 --prompt 16 --new 12 --mesh 1x4x1 --json out.json
+    python -m bench.compiled --tpu v5e:2x2 --dtype bfloat16 --mesh 1x4x1 --layers 2   # libtpu, deviceless
 
 Decode (`check_decode`):
-  bytes     XLA's `cost_analysis()` bytes accessed by ONE decode step (one token for every row; layers unrolled
-            so the count covers them all) against the ideal: every matmul weight once in the sampling dtype +
-            the full KV cache (rows x (prompt + new) slots) once. Compiled on one device.
-  loop      the decode token loop compiled for `--mesh` (XLA:CPU with simulated devices): inside the token
-            loop's body (the innermost `while` holding all the model's matmuls, nested loops included, counted
-            per token with their known trip counts): collectives, and layer-sized data-movement ops (copy,
-            transpose, dynamic-slice, convert, ... fusions whose output is at least half of one layer's
-            smallest weight or K cache on a device), and whether the loop has a known trip count (XLA:GPU
-            synchronises with the host on every iteration of a loop without one).
+  bytes     XLA's `cost_analysis()` bytes accessed by ONE decode step (one token for every row over the full
+            per-layer KV buffers, donated; layers unrolled as the sampler runs them) against the ideal: every
+            matmul weight once in the sampling dtype + the full KV cache (rows x (prompt + new) slots) once.
+            Corrected for gathers: XLA:CPU's cost model charges a gather fusion's whole table operand (the
+            embedding lookup of B token ids counts the [vocab, D] table) though it reads only the gathered
+            rows, so each such gather is charged output + index bytes instead, read from the optimised HLO
+            (`gather_overcount`; raw and corrected are both reported; TPU compiles are not corrected). The
+            headline is the model step (what the ideal covers); the step with the token choice (`choose`) is
+            reported beside it (on XLA:CPU, jax lowers threefry as a rolled loop of 5 rounds over the
+            [rows, vocab] bits, ~0.8 GB at B=64; GPU and TPU lowerings unroll and fuse it).
+  loop      the decode token loop compiled for `--mesh` (XLA:CPU with simulated devices): the token loop is
+            the innermost `while` holding one token's matmuls (the chunk's loop of known trip count inside
+            the loop that tests "all rows done" once per chunk); inside it, per token (nested loops counted
+            with their known trip counts): collectives, and layer-sized data-movement ops (copy, transpose,
+            dynamic-slice, convert, ... fusions whose output is at least half of one layer's smallest weight
+            or K cache on a device); outside it, per chunk: collectives, the stop test's all-reduce of a
+            pred[] reported apart (a scalar, not a weight collective); whether the loop has a known trip
+            count (XLA:GPU synchronises with the host on every iteration of a loop without one).
 SFT attention (`check_sft_attention`): does the SFT step lowered for CUDA give attention a bias / dbias
 operand; needs `bench.attention_lowering` and jax-cuda12-plugin, reported as skipped otherwise.
 
