@@ -653,8 +653,8 @@ def _kv_lines(p: Plan, b, unit_name: str) -> list[str]:
 def _rollout_lines(p: Plan, b, unit_name: str) -> list[str]:
     r = p.rollout
     lines = [f"rollout   sampler layout (weights copy replicated, rows split over {r.data}), per device in "
-             f"{unit_name}: {r.dtype} params {b(r.params)} + KV cache {b(r.kv_cache)} ({r.rows_per_device} of {r.rows} rows x "
-             f"{r.length} slots, all layers) + logits {b(r.logits)} = {b(r.total)}",
+             f"{unit_name}: {r.dtype} params {b(r.params)} + KV cache {b(r.kv_cache)} ({r.rows_per_device} of "
+             f"{r.rows} rows x {r.length} slots, all layers) + logits {b(r.logits)} = {b(r.total)}",
              f"          with the train state and reference held in the training layout ({b(r.held)}): "
              f"{b(r.total + r.held)} of {b(p.usable)} {unit_name}, before decode temporaries"]
     if r.total + r.held > p.usable:
