@@ -134,22 +134,18 @@ def test_kv_cache_of_the_7b_grpo_rollout():
 
 
 def test_rollout_memory_of_the_7b_grpo_config():
-    """configs/x_reasoner_grpo.yaml on 32 devices, decode layout: Qwen2.5-VL-7B's language model (7,615,616,512
-    params, Qwen2.5-7B's published count; the vision tower is not read) in bf16 on every device, 1024 rows
-    split 32 per device with 5120 slots x 57,344 B of bf16 cache each, and one step's logits."""
+    """configs/x_reasoner_grpo.yaml on 32 devices as the sampler lays it out: its bf16 copy of all of
+    Qwen2.5-VL-7B's params (8,292,166,656: the 7,615,616,512 of the language model, Qwen2.5-7B's published
+    count, + the vision tower, which `decode_weights` casts too) on every device, 1024 rows split 32 per device
+    with 5120 slots x 57,344 B of bf16 per-layer cache each, and one step's logits."""
     config = config_lib.load("configs/x_reasoner_grpo.yaml")
     g, cfg = config.grpo, plan_lib.model_config(config)
     r = plan_lib.rollout_memory(cfg, 32, config.train.batch_size * g.group_size, g.max_prompt_len + g.max_new_tokens,
                                 g.sampler_dtype or cfg.dtype)
     assert (r.rows, r.length, r.data, r.rows_per_device) == (1024, 5120, 32, 32)
-    assert r.params == 7_615_616_512 * 2
+    assert r.params == plan_lib.sampler_params(cfg, "bfloat16") == 8_292_166_656 * 2
     assert r.kv_cache == 32 * 5120 * 57344
     assert r.logits == 32 * 152064 * (2 + 4)
-    # tensor-parallel over 4: params and kv heads (4) split 4 ways, 4x the rows per device
-    r4 = plan_lib.rollout_memory(cfg, 32, 1024, 5120, "bfloat16", tensor=4)
-    assert r4.params == r.params // 4 and r4.kv_cache == r.kv_cache and r4.rows_per_device == 128
-    with pytest.raises(plan_lib.PlanError, match="does not divide"):
-        plan_lib.rollout_memory(cfg, 32, 1024, 5120, "bfloat16", tensor=3)
 
 
 def test_parse_bytes_and_bad_input():
@@ -174,9 +170,11 @@ def test_grpo_plan_adds_reference_params_and_kv_cache(worker):
     assert p.kv_cache.total == 16 * 64 * p.kv_cache.bytes_per_token and p.kv_cache.shards == 8
     text = plan_lib.format_report(p)
     assert "KV cache" in text
-    # the rollout on the decode layout: fp32 text params whole on each device (tiny's sampler_dtype unset,
-    # compute fp32), 2 of the 16 rows' caches, the train state + reference held beside them
+    # the sampler's layout: an fp32 copy of all params on each device (tiny's sampler_dtype unset, compute fp32:
+    # counted although no sampler_dtype is set), 2 of the 16 rows' caches, the train state + reference beside them
     r = p.rollout
-    assert r.params == p.params_total * 4 and r.kv_cache == 2 * p.kv_cache.bytes_per_token * 64
+    assert r.params == p.kv_cache.sampling_params == p.params_total * 4
+    assert r.kv_cache == 2 * p.kv_cache.bytes_per_token * 64
     assert r.held == m.params + m.opt_state + m.params
-    assert "rollout   decode layout (replicated, rows split over 8)" in text and "KV cache" in text
+    assert "rollout   sampler layout (weights copy replicated, rows split over 8)" in text
+    assert f"{p.params_total * 4 / 2**20:.2f} sampling params" in text  # MiB: 1 GiB devices

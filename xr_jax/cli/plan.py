@@ -150,7 +150,7 @@ class KVCache:
     length: int
     bytes_per_token: int  # layers x 2 (k, v) x kv_heads x head_dim x dtype bytes
     shards: int  # batch shards (data x fsdp) x kv-head shards (tensor, when it divides kv_heads)
-    sampling_params: int  # per device: the compute-dtype copy of the params the sampler runs on
+    sampling_params: int  # per device: the sampler's copy of all params in the sampling dtype, replicated
 
     @property
     def total(self) -> int:
@@ -163,15 +163,15 @@ class KVCache:
 
 @dataclasses.dataclass
 class RolloutMemory:
-    """Per-device bytes of a rollout on the decode layout: the policy resharded once per rollout into the
-    sampling dtype, replicated within groups of `tensor` devices (split over them by tensor parallelism),
-    rows split over the `data` = devices / tensor groups; each row's KV cache holds prompt + max new tokens
-    for all layers; `logits` is one decode step's [rows, vocab] in the compute dtype plus its fp32 copy."""
+    """Per-device bytes of a rollout as the sampler lays it out: its copy of the params (all of them, vision
+    tower included: `qwen2.decode_weights` casts every leaf) in the sampling dtype, replicated on every
+    device, made once per rollout; rows split over the `data` devices, each with per-layer [K, S, H] k and v
+    buffers in the compute dtype holding prompt + max new tokens; `logits` is one decode step's [rows, vocab]
+    in the compute dtype plus its fp32 copy."""
 
     rows: int
     length: int
     data: int
-    tensor: int
     dtype: str  # sampling dtype of the weights
     params: int  # per device
     kv_cache: int  # per device
@@ -472,7 +472,8 @@ def search(measure_fn, budget: Budget, batch_size: int, meshes: Sequence[tuple],
 
 def kv_cache(model_cfg, mesh: tuple[int, ...], rows: int, length: int, sampling_params: int) -> KVCache:
     """The sampler's cache (per layer, k and v [rows, kv_heads, length, head_dim] in the compute dtype,
-    `models.qwen2.init_layer_cache`), sharded as `LAYER_CACHE_AXES`: rows over data x fsdp, kv heads over tensor."""
+    `models.qwen2.init_layer_cache`), sharded as `LAYER_CACHE_AXES`: rows over data x fsdp, kv heads over
+    tensor."""
     t = model_cfg.text
     per_token = t.num_layers * 2 * t.num_kv_heads * t.head_dim * _itemsize(model_cfg.dtype)
     dp = mesh[0] * mesh[1] if rows % (mesh[0] * mesh[1]) == 0 else 1
@@ -480,22 +481,20 @@ def kv_cache(model_cfg, mesh: tuple[int, ...], rows: int, length: int, sampling_
     return KVCache(rows, length, per_token, dp * tp, sampling_params)
 
 
-def rollout_memory(model_cfg, devices: int, rows: int, length: int, sampling_dtype: str,
-                   tensor: int = 1) -> RolloutMemory:
-    """The decode layout's per-device bytes (`RolloutMemory`): the text model's params (the vision tower is
-    not read by text rollouts) in `sampling_dtype` / tensor, rows split over devices / tensor, each with a
-    `length`-slot cache (kv heads split over tensor when it divides them)."""
+def sampler_params(model_cfg, sampling_dtype: str) -> int:
+    """Bytes of the sampler's weights copy on each device: every param in `sampling_dtype`, replicated."""
     from xr_jax.models.qwen2_5_vl import abstract_params
 
-    if tensor < 1 or devices % tensor:
-        raise PlanError(f"--rollout-tensor {tensor} does not divide --devices {devices}")
-    params = abstract_params(model_cfg)
-    text = sum(math.prod(x.shape) for k, v in params.items() if k != "visual" for x in _leaves(v))
+    return sum(math.prod(x.shape) for x in _leaves(abstract_params(model_cfg))) * _itemsize(sampling_dtype)
+
+
+def rollout_memory(model_cfg, devices: int, rows: int, length: int, sampling_dtype: str) -> RolloutMemory:
+    """The sampler's per-device bytes (`RolloutMemory`): the weights copy (`sampler_params`), rows split over
+    the devices, each with a `length`-slot cache."""
     t = model_cfg.text
-    kv_split = tensor if t.num_kv_heads % tensor == 0 else 1
-    out = RolloutMemory(rows, length, devices // tensor, tensor, sampling_dtype, 0, 0, 0)
-    per_row = length * t.num_layers * 2 * t.num_kv_heads * t.head_dim * _itemsize(model_cfg.dtype) // kv_split
-    out.params = text * _itemsize(sampling_dtype) // tensor
+    out = RolloutMemory(rows, length, devices, sampling_dtype, 0, 0, 0)
+    per_row = length * t.num_layers * 2 * t.num_kv_heads * t.head_dim * _itemsize(model_cfg.dtype)
+    out.params = sampler_params(model_cfg, sampling_dtype)
     out.kv_cache = out.rows_per_device * per_row
     out.logits = out.rows_per_device * t.vocab_size * (_itemsize(model_cfg.dtype) + 4)
     return out
@@ -503,14 +502,14 @@ def rollout_memory(model_cfg, devices: int, rows: int, length: int, sampling_dty
 
 def plan(config, devices: int, device_memory: int, *, stage: str = "sft", usable_fraction: float = 0.9,
          peak_flops: Optional[float] = None, search_layouts: bool = True, max_compiles: int = 12,
-         worker: Optional["Worker"] = None, rollout_tensor: int = 1) -> Plan:
+         worker: Optional["Worker"] = None) -> Plan:
     """Measure the config's own layout on `devices` simulated devices and search for one that fits.
 
     stage "sft": the SFT train step. stage "grpo": the GRPO update step on one minibatch of rollout rows,
     with the frozen reference params beside it (`grpo.kl_coef` > 0), and the sampler's KV cache.
     `worker`: a running `Worker(devices)` to reuse (one is started and stopped otherwise).
-    GRPO also gets the rollout's memory on the decode layout (`rollout_memory`, tensor parallel over
-    `rollout_tensor` devices) in the sampling dtype: grpo.sampler_dtype, else the compute dtype.
+    GRPO also gets the rollout's memory as the sampler lays it out (`rollout_memory`): its weights copy in the
+    sampling dtype (grpo.sampler_dtype, else the compute dtype) on every device, and the per-layer KV buffers.
     """
     from xr_jax import config as config_lib, parallel
     from xr_jax.train import flops
@@ -529,7 +528,7 @@ def plan(config, devices: int, device_memory: int, *, stage: str = "sft", usable
     requested = Layout(requested_mesh, config.model.remat, microbatches)
     rollout = None if grpo_cfg is None else rollout_memory(
         model_cfg, devices, config.train.batch_size * grpo_cfg.group_size,
-        grpo_cfg.max_prompt_len + grpo_cfg.max_new_tokens, grpo_cfg.sampler_dtype or model_cfg.dtype, rollout_tensor)
+        grpo_cfg.max_prompt_len + grpo_cfg.max_new_tokens, grpo_cfg.sampler_dtype or model_cfg.dtype)
 
     own = worker is None
     worker = Worker(devices) if own else worker
@@ -551,9 +550,7 @@ def plan(config, devices: int, device_memory: int, *, stage: str = "sft", usable
     kv = None
     of = best or (first if first.error is None else None)
     if grpo_cfg is not None and of is not None:
-        sampler_dtype = grpo_cfg.sampler_dtype
-        sampling = of.params * _itemsize(sampler_dtype) // _itemsize(model_cfg.param_dtype) if sampler_dtype else 0
-        kv = kv_cache(model_cfg, of.layout.mesh, rollout.rows, rollout.length, sampling)
+        kv = kv_cache(model_cfg, of.layout.mesh, rollout.rows, rollout.length, rollout.params)
         rollout.held = of.params + of.opt_state + (of.params if budget.reference else 0)
     n_params, n_train = _param_counts(model_cfg, config.train.freeze_vision)
     return Plan(
@@ -655,14 +652,13 @@ def _kv_lines(p: Plan, b, unit_name: str) -> list[str]:
 
 def _rollout_lines(p: Plan, b, unit_name: str) -> list[str]:
     r = p.rollout
-    layout = "replicated" if r.tensor == 1 else f"tensor-parallel over {r.tensor}"
-    lines = [f"rollout   decode layout ({layout}, rows split over {r.data}), per device in {unit_name}: "
-             f"{r.dtype} params {b(r.params)} + KV cache {b(r.kv_cache)} ({r.rows_per_device} of {r.rows} rows x "
-             f"{r.length} slots, all layers) + logits {b(r.logits)} = {b(r.total)}",
+    lines = [f"rollout   sampler layout (weights copy replicated, rows split over {r.data}), per device in "
+             f"{unit_name}: {r.dtype} params {b(r.params)} + KV cache {b(r.kv_cache)} ({r.rows_per_device} of "
+             f"{r.rows} rows x {r.length} slots, all layers) + logits {b(r.logits)} = {b(r.total)}",
              f"          with the train state and reference held in the training layout ({b(r.held)}): "
              f"{b(r.total + r.held)} of {b(p.usable)} {unit_name}, before decode temporaries"]
     if r.total + r.held > p.usable:
-        lines.append("          -> does not fit: use more devices, --rollout-tensor, or fewer prompts per step")
+        lines.append("          -> does not fit: use more devices or fewer prompts per step")
     return lines
 
 
@@ -708,8 +704,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "grpo.max_prompt_len + grpo.max_new_tokens, grpo.minibatches, grpo.kl_coef")
     p.add_argument("--no-search", action="store_true", help="measure the configured layout only")
     p.add_argument("--max-compiles", type=int, default=12, help="compile budget of the search (default 12)")
-    p.add_argument("--rollout-tensor", type=int, default=1,
-                   help="GRPO: devices a rollout's decode layout splits the params over (default 1: replicated)")
     p.add_argument("--json", help="also write the plan as JSON to this file")
 
 

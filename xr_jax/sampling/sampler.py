@@ -382,6 +382,14 @@ def choose(t, logits, state: DecodeState, knobs: DecodeKnobs, row_keys, program:
     )
 
 
+def model_step(weights, kv, last, t, next_position, start, prompt_len: int, *, model: ModelConfig):
+    """Feed token t - 1 of every row (`last`, written at slot prompt_len + t - 1 of the per-layer buffers `kv`):
+    (logits [n, V] for token t, the new buffers). One token of the decode loop, less the choice."""
+    index = prompt_len + t - 1
+    bounds = (start, jnp.full_like(start, index + 1))  # live slots: after the padding, up to this token
+    return decode_step(weights, last, next_position + t - 1, bounds, kv, index, model=model)
+
+
 def _decode(weights, prompt_cache, logits, next_position, row_keys, knobs: DecodeKnobs, *, program: DecodeProgram):
     """Broadcast the prompt cache to the group once, then choose T tokens per row: a `while_loop` over chunks
     of `program.chunk` tokens (each a loop of known trip count) that stops once every row is done."""
@@ -395,11 +403,7 @@ def _decode(weights, prompt_cache, logits, next_position, row_keys, knobs: Decod
     state = choose(0, logits, DecodeState.empty(n, T, program.pad_id), knobs, row_keys, program)
 
     def step(t, kv, state):
-        """Feed token t - 1 of every row (slot prompt_len + t - 1), choose token t."""
-        index = prompt_len + t - 1
-        bounds = (start, jnp.full_like(start, index + 1))  # live slots: after the padding, up to this token
-        step_logits, kv = decode_step(
-            weights, state.last, next_position + t - 1, bounds, kv, index, model=program.model)
+        step_logits, kv = model_step(weights, kv, state.last, t, next_position, start, prompt_len, model=program.model)
         return kv, choose(t, step_logits, state, knobs, row_keys, program)
 
     def steps(carry, count: int):
