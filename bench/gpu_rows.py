@@ -34,7 +34,9 @@ import jax
 import numpy as np
 
 from bench import compiled, machine, sampler, train_step
+from xr_jax.models.layers import as_dtype
 from xr_jax.models.presets import preset
+from xr_jax.models.qwen2 import decode_weights
 from xr_jax.models.qwen2_5_vl import init_params
 from xr_jax.sampling import sampler as sampling
 from xr_jax.train import flops
@@ -67,15 +69,16 @@ def decode_config(size: Size, dtype: str, layers: Optional[int]):
 
 
 def decode_and_rollout_rows(size: Size, dtype: str, layers: Optional[int], out: str, deadline: float) -> list[dict]:
-    """The decode row (bf16 copy of the weights) and the rollout row (fp32 master weights cast per rollout)."""
+    """The decode row and the rollout row: both decode from fp32 master weights, which the sampler casts to the
+    sampling dtype once per `generate` (`Sampler.weights`)."""
     cfg = decode_config(size, dtype, layers)
     master = jax.jit(lambda k: nn.unbox(init_params(cfg, k)))(jax.random.PRNGKey(0))
-    weights = sampling.cast_params(master, dtype)
+    weights = jax.eval_shape(lambda p: decode_weights(p, as_dtype(dtype)), master)  # what decoding reads
     high = min(cfg.text.vocab_size, cfg.vision_start_token_id, cfg.image_token_id)  # text tokens only
     prompts = np.random.RandomState(0).randint(2, high, size=(size.rows, size.prompt))
     name = f"{size.decode_preset} ({cfg.text.num_layers} layers)"
     hlo = os.path.join(out, "decode_7b.hlo.txt")
-    r = sampler.bench_xr(cfg, weights, prompts, size.new, reps=2, hlo_path=hlo)
+    r = sampler.bench_xr(cfg, master, prompts, size.new, reps=2, hlo_path=hlo)
     step_s = r["decode"] / (size.new - 1)
     need = sampler.step_bytes(cfg, weights, size.rows, size.prompt + size.new / 2)
     hbm = machine.datasheet_hbm(jax.devices()[0].device_kind)
@@ -87,18 +90,17 @@ def decode_and_rollout_rows(size: Size, dtype: str, layers: Optional[int], out: 
              "roofline": need / hbm / step_s if hbm else None, "compile_s": r["compile"],
              "known_trip_count": loop.get("known_trip_count"), "collectives": loop.get("collectives_per_token"),
              "layer_sized_moves": sum(m["count"] for m in loop.get("layer_sized_moves_per_token", []))}]
-    del weights
     if time.time() > deadline:
         return rows + [skipped("grpo rollout")]
     n_prompts = size.rows // size.group
     scfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=size.new, stop_ids=(), pad_id=0,
-                                   prompt_buckets=(size.prompt,))
+                                   prompt_buckets=(size.prompt,), weight_dtype=dtype)
     smp = sampling.Sampler(cfg, scfg)
     batch = [sampling.Prompt(p) for p in prompts[:n_prompts]]
 
     def rollout():
         t0 = time.perf_counter()
-        smp.generate(sampling.cast_params(master, dtype), batch, rng=0, group_size=size.group)  # host arrays: synced
+        smp.generate(master, batch, rng=0, group_size=size.group)  # host arrays: synced
         return time.perf_counter() - t0
 
     first = rollout()  # compiles
