@@ -182,6 +182,12 @@ def _zero_where_orbax_does_not_notice(directory, step, abstract, saved_state):
     pytest.fail("no place found where zeroed bytes restore silently")
 
 
+def _ours(caplog):
+    """xr_jax's log records only: Orbax's failed read may also leave asyncio's "exception was never
+    retrieved" on the root logger, when the garbage collector happens to run inside the block."""
+    return [r for r in caplog.records if r.name.startswith("xr_jax.")]
+
+
 def test_zeroed_bytes_are_detected_and_the_previous_step_restored(tmp_path, states, caplog):
     s1, s2, abstract = states
     _saved(tmp_path / "ck", states, config={"a": 1})
@@ -193,7 +199,7 @@ def test_zeroed_bytes_are_detected_and_the_previous_step_restored(tmp_path, stat
         got = ck.restore(abstract)
     assert got.step == 1 and got.data_state == {"index": 1}
     _assert_same(got.state, s1)
-    (record,) = caplog.records  # ONE message
+    (record,) = _ours(caplog)  # ONE message
     rel = os.path.relpath(victim, tmp_path / "ck" / "2")
     assert f"step 2 is corrupt (checksum mismatch in {rel})" in record.getMessage()
     assert "restored step 1 instead" in record.getMessage()
@@ -212,7 +218,7 @@ def test_a_truncated_latest_step_is_moved_aside_and_saved_again(tmp_path, states
     with caplog.at_level(logging.WARNING, logger="xr_jax.checkpoints"):
         got = ck.restore(abstract)
     assert got.step == 1
-    (record,) = caplog.records
+    (record,) = _ours(caplog)
     assert "step 2 is corrupt (Orbax cannot read it" in record.getMessage()
     assert "step 1 has no checksums" in record.getMessage()
     # training reaches step 2 again: it is saved (before, the corrupt directory blocked the save)
