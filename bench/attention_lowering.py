@@ -45,7 +45,7 @@ def sft_loss_and_grad(cfg: ModelConfig, batch: int, seq: int):
 
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     rows = {"input_ids": ids, "targets": ids, "segment_ids": ids,
-            "positions": jax.ShapeDtypeStruct((3, batch, seq), jnp.int32),
+            "positions": jax.ShapeDtypeStruct((batch, 3, seq), jnp.int32),
             "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32)}
     params = abstract_params(cfg.replace(attention="einsum"))  # the param tree does not depend on the kernel
     grad = jax.value_and_grad(make_loss_fn(cfg), has_aux=True)
@@ -123,8 +123,7 @@ def compile_tpu_sft_fsdp(cfg: ModelConfig, batch: int, seq: int, topology_name: 
     mesh = Mesh(np.array(devices).reshape(1, len(devices), 1), MESH_AXES)
     fn, (params, rows, count) = sft_loss_and_grad(cfg, batch, seq)
     place = lambda a, *spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P(*spec)))  # noqa: E731
-    rows = {k: place(v, None, ("data", "fsdp")) if k == "positions" else place(v, ("data", "fsdp"))
-            for k, v in rows.items()}
+    rows = {k: place(v, ("data", "fsdp")) for k, v in rows.items()}
     with use_mesh(mesh):
         return _compile_tpu(fn, (jax.tree.map(place, params), rows, place(count)))
 

@@ -173,17 +173,24 @@ def dot_product_attention(q, k, v, mask, impl: str, causal: bool = False):
     `_attention_core`); "cudnn" is cuDNN through `jax.nn.dot_product_attention` with the mask as a bias
     (pre-Hopper GPUs, see `_cudnn_attention`).
     """
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    scale = h**-0.5
     if impl == "cudnn":
+        scale = q.shape[-1] ** -0.5
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    # head-major operands (k/v [B, K, S, H]): batched matmuls in the canonical layout (XLA:CPU otherwise
+    # transposes the [.., T, S] scores around each dot: attention fwd+bwd 36 -> 13 ms per layer of the
+    # `small` preset)
+    return head_major_attention(q, jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3)), mask, causal)
+
+
+def head_major_attention(q, k, v, mask, causal: bool = False):
+    """The einsum path of `dot_product_attention` over k/v already head-major [B, K, S, H] (the layout of
+    the decode buffers: the prefill attends over what it has just written, with no second transpose)."""
+    b, t, n, h = q.shape
+    kh = k.shape[1]
+    scale = h**-0.5
     g = n // kh
-    # head-major operands (q [B, K, G, T, H], k/v [B, K, S, H]): batched matmuls in the canonical layout
-    # (XLA:CPU otherwise transposes the [.., T, S] scores around each dot: attention fwd+bwd 36 -> 13 ms per
-    # layer of the `small` preset); 5-D scores throughout, so the backward keeps a single copy of the probs
+    # 5-D scores throughout (q [B, K, G, T, H]), so the backward keeps a single copy of the probs
     q = jnp.transpose(q.reshape(b, t, kh, g, h), (0, 2, 3, 1, 4))
-    k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
     if not causal:
         out = _attention_core(q, k, v, mask, scale)
     else:

@@ -20,7 +20,7 @@ import numpy as np
 from xr_jax.models.attention import (
     attention,
     decode_attention,
-    dot_product_attention,
+    head_major_attention,
     resolve_attention,
 )
 from xr_jax.models.config import ModelConfig, TextConfig
@@ -78,7 +78,8 @@ class Attention(nn.Module):
                 impl = resolve_attention(self.cfg.attention, True, self.cfg.dtype)
                 out = decode_attention(q[:, 0], *(c.astype(dtype) for c in new_kv), *mask, impl=impl)[:, None]
             else:
-                out = dot_product_attention(q, k, v, mask, "einsum")
+                # a prompt written at slot 0 fills its buffers: attend over them as written, causally
+                out = head_major_attention(q, *(c.astype(dtype) for c in new_kv), mask, causal=True)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         out = Dense(tc.hidden_size, ("heads", "embed"), False, dtype, pdt, name="o_proj")(out.reshape(b, t, -1))
         return out, new_kv
