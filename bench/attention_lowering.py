@@ -6,7 +6,9 @@ CUDA: `jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))` needs only t
 version query), no GPU. The cuDNN custom calls are read from the StableHLO text: their target names the
 variant (`fmhaSoftmax` = no bias, `fmhaScaleBiasSoftmax` = an additive bias, `...Backward` with a dbias
 output when it has one) and their backend config the mask type. Without a GPU jax cannot ask the device's
-compute capability, so `as_hopper` answers for the sm_90 target (H100/H200) the packed-segment path needs.
+compute capability, so `as_gpu` answers for the target named: sm_90 (H100/H200), where cuDNN's packed-segment
+path runs, or sm_80 (A100), where the Triton flash kernel (`pallas_gpu`) does; its custom calls
+(`__gpu$xla.gpu.triton`) carry the kernel's name.
 
 TPU: a deviceless compile against a libtpu topology (`jax.experimental.topologies`); the Mosaic custom
 calls in the compiled HLO name the Pallas kernels (`splash_*`, `decode_attention_tpu`).
@@ -53,21 +55,23 @@ def sft_loss_and_grad(cfg: ModelConfig, batch: int, seq: int):
 
 
 @contextlib.contextmanager
-def as_hopper() -> Iterator[None]:
-    """Lower cuDNN attention for an sm_90 GPU while no GPU is attached (jax asks the local device)."""
+def as_gpu(capability: str) -> Iterator[None]:
+    """Lower for a GPU of this compute capability ("9.0", "8.0") while no GPU is attached (jax asks the
+    local device)."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
+    target = tuple(map(int, capability.split(".")))
     saved = cudnn.check_compute_capability
-    cudnn.check_compute_capability = lambda capability: tuple(map(int, capability.split("."))) <= (9, 0)
+    cudnn.check_compute_capability = lambda needed: tuple(map(int, needed.split("."))) <= target
     try:
         yield
     finally:
         cudnn.check_compute_capability = saved
 
 
-def lower_cuda(fn, args) -> str:
-    """StableHLO text of `fn(*args)` lowered for CUDA on a host without a GPU."""
-    with as_hopper():
+def lower_cuda(fn, args, capability: str = "9.0") -> str:
+    """StableHLO text of `fn(*args)` lowered for CUDA (a GPU of that compute capability) without a GPU."""
+    with as_gpu(capability):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -85,10 +89,18 @@ def cudnn_attention_calls(stablehlo: str) -> list[dict]:
     return calls
 
 
+def triton_kernels(stablehlo: str) -> list[str]:
+    """Names of the Triton (Pallas GPU) kernels a lowered program calls, sorted, one per call."""
+    return sorted(re.search(r'name = "(\w+)"', line).group(1) for line in stablehlo.splitlines()
+                  if "@__gpu$xla.gpu.triton" in line)
+
+
 def cuda_attention_report(stablehlo: str) -> dict:
-    """Summary a check can assert on: cuDNN call targets, mask types and whether any has a bias/dbias."""
+    """Summary a check can assert on: cuDNN call targets, mask types, whether any has a bias/dbias, and the
+    Triton kernels."""
     calls = cudnn_attention_calls(stablehlo)
     return {
+        "triton_kernels": triton_kernels(stablehlo),
         "cudnn_calls": [c["target"] for c in calls],
         "mask_types": sorted({c["mask_type"] for c in calls if c["mask_type"]}),
         "bias": any("Bias" in c["target"] for c in calls),
@@ -157,10 +169,11 @@ def decode_step_args(cfg: ModelConfig, batch: int, slots: int):
 def main() -> None:
     out = {}
     cfg = lowering_model("bfloat16", "cudnn")
-    out["cuda_sft_loss_grad"] = cuda_attention_report(lower_cuda(*sft_loss_and_grad(cfg, 2, 256)))
+    out["cuda_sft_loss_grad"] = {f"sm_{c.replace('.', '')}": cuda_attention_report(lower_cuda(*sft_loss_and_grad(cfg, 2, 256), c))
+                                 for c in ("9.0", "8.0")}
     fn, args = decode_step_args(cfg, 8, 384)
     text = lower_cuda(fn, args)
-    out["cuda_decode"] = {"triton_calls": text.count("__gpu$xla.gpu.triton"),
+    out["cuda_decode"] = {"triton_kernels": triton_kernels(text),
                           "cudnn_calls": len(cudnn_attention_calls(text))}
     tcfg = lowering_model("bfloat16", "splash")
     try:

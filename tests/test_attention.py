@@ -48,7 +48,7 @@ def _rel(a, b):
 
 def test_backward_matches_autodiff_of_the_formula_including_padding_rows():
     q, k, v, mask, w, _ = _inputs(24)
-    got = _value_and_grads(lambda q, k, v: attention.dot_product_attention(q, k, v, mask, "einsum"), q, k, v, w)
+    got = _value_and_grads(lambda q, k, v: attention.dot_product_attention(q, k, v, mask), q, k, v, w)
     want = _value_and_grads(lambda q, k, v: _reference(q, k, v, mask), q, k, v, w)
     assert _rel(got[0], want[0]) < 1e-5
     for g, r in zip(got[1], want[1]):
@@ -61,7 +61,7 @@ def test_causal_blocks_equal_one_block_on_rows_that_see_a_key(t):
     assert len(attention.causal_blocks(t)) > 2  # the test must cross block bounds
     w = w * jnp.asarray(seg > 0)[:, :, None, None]  # padding rows carry no loss, as in training
     att = lambda causal: lambda q, k, v: attention.dot_product_attention(  # noqa: E731
-        q, k, v, mask, "einsum", causal=causal)
+        q, k, v, mask, causal=causal)
     blocked, whole = _value_and_grads(att(True), q, k, v, w), _value_and_grads(att(False), q, k, v, w)
     visible = (seg > 0)[:, :, None, None]
     assert _rel(jnp.where(visible, att(True)(q, k, v), 0), jnp.where(visible, att(False)(q, k, v), 0)) < 1e-6
@@ -82,16 +82,17 @@ def test_causal_block_bounds():
 # ---------------------------------------------------------------- kernels vs the einsum path (CPU, interpret)
 
 
-def test_splash_matches_einsum_loss_and_grads_on_packed_and_padded_rows():
-    """The TPU training kernel (Pallas interpret mode) against the einsum path: GQA, three packed segments,
-    left and right padding; padding rows carry no loss (their outputs differ by design)."""
-    t = 128
+@pytest.mark.parametrize("impl,t", [("splash", 128), ("pallas_gpu", 128), ("pallas_gpu", 100)])
+def test_training_kernels_match_einsum_loss_and_grads_on_packed_and_padded_rows(impl, t):
+    """The TPU (Splash) and GPU (Triton flash) training kernels in Pallas interpret mode against the einsum
+    path: GQA, three packed segments, left and right padding; padding rows carry no loss (their outputs
+    differ by design). t = 100 is no whole number of the GPU kernel's blocks: it pads and cuts back."""
     q, k, v, _, w, seg = _inputs(t, seed=3)
     seg[1, :10] = 0  # left padding too, as GRPO's rows have
     seg = jnp.asarray(seg)
     w = w * (seg > 0)[:, :, None, None]
     run = lambda impl: lambda q, k, v: attention.attention(q, k, v, seg, impl=impl, interpret=True)  # noqa: E731
-    got, want = _value_and_grads(run("splash"), q, k, v, w), _value_and_grads(run("einsum"), q, k, v, w)
+    got, want = _value_and_grads(run(impl), q, k, v, w), _value_and_grads(run("einsum"), q, k, v, w)
     assert _rel(got[0], want[0]) < 1e-5
     for g, r in zip(got[1], want[1]):
         assert _rel(g, r) < 1e-5
@@ -157,9 +158,24 @@ def test_resolve_attention_by_backend_and_dtype():
     assert [r("auto", True, "bfloat16", b) for b in ("gpu", "tpu", "cpu")] == ["pallas_gpu", "pallas_tpu", "einsum"]
     assert r("auto", False, "float32", "gpu") == "einsum"  # cuDNN takes 16-bit inputs only
     assert r("einsum", True, "bfloat16", "gpu") == "einsum"
+    assert r("pallas_gpu", False, "bfloat16", "gpu") == "pallas_gpu" and r("pallas_gpu", True) == "pallas_gpu"
     assert attention.gpu_decode_blocks(5120) == (16, 64) and attention.gpu_decode_blocks(48) == (1, 16)
     with pytest.raises(ValueError, match="multiple of 16"):
         attention.gpu_decode_blocks(383)
+
+
+def test_gpu_flash_attention_runs_per_shard_under_a_mesh():
+    """Rows sharded over 2 devices: each runs the Triton kernel on its own rows."""
+    from xr_jax.parallel import make_mesh, use_mesh
+
+    q, k, v, _, _, seg = _inputs(64, seed=4)
+    seg = jnp.asarray(seg)
+    run = lambda impl: lambda q, k, v: attention.attention(q, k, v, seg, impl=impl, interpret=True)  # noqa: E731
+    with use_mesh(make_mesh((1, 2, 1), jax.devices()[:2])):
+        assert "shard_map" in str(jax.make_jaxpr(run("pallas_gpu"))(q, k, v))
+        got = jax.jit(run("pallas_gpu"))(q, k, v)
+    visible = (seg > 0)[:, :, None, None]
+    assert _rel(jnp.where(visible, got, 0), jnp.where(visible, run("einsum")(q, k, v), 0)) < 1e-5
 
 
 def test_decode_kernel_runs_per_shard_under_a_mesh():
@@ -186,12 +202,14 @@ def test_compiled_kernels_match_einsum_on_the_accelerator():
     seg[0, 100:], seg[1, 200:] = 2, 0
     seg = jnp.asarray(seg)
     w = jnp.asarray(rng.standard_normal((B, t, N, h)), jnp.bfloat16) * (seg > 0)[:, :, None, None]
-    impl = attention.resolve_attention("auto", False)
     run = lambda impl: jax.jit(lambda q, k, v: attention.attention(q, k, v, seg, impl=impl))  # noqa: E731
-    got, want = (_value_and_grads(run(i), q, k, v, w) for i in (impl, "einsum"))
-    assert _rel(got[0].astype(jnp.float32), want[0].astype(jnp.float32)) < 2e-2
-    for g, r in zip(got[1], want[1]):
-        assert _rel(g.astype(jnp.float32), r.astype(jnp.float32)) < 2e-2
+    want = _value_and_grads(run("einsum"), q, k, v, w)
+    kernels = [attention.resolve_attention("auto", False)] + (["pallas_gpu"] if jax.default_backend() == "gpu" else [])
+    for impl in kernels:
+        got = _value_and_grads(run(impl), q, k, v, w)
+        assert _rel(got[0].astype(jnp.float32), want[0].astype(jnp.float32)) < 2e-2, impl
+        for g, r in zip(got[1], want[1]):
+            assert _rel(g.astype(jnp.float32), r.astype(jnp.float32)) < 2e-2, impl
     q, k, v, start, end = _decode_inputs(jnp.bfloat16, h=64)
     dec = jax.jit(lambda *a: attention.decode_attention(*a, impl="auto"))(q, k, v, start, end)
     assert _rel(dec.astype(jnp.float32),

@@ -55,9 +55,14 @@ def test_mesh_argument():
             compiled._mesh(bad)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is not None, reason="CUDA plugin installed")
-def test_sft_attention_is_skipped_without_the_cuda_plugin():
-    assert "skipped" in compiled.check_sft_attention()
+def test_sft_attention_has_no_bias_on_hopper_or_ampere_or_says_why_not_checked():
+    report = compiled.check_sft_attention()
+    if importlib.util.find_spec("jax_cuda12_plugin") is None:
+        assert "skipped" in report
+        return
+    assert set(report) == {"sm_90", "sm_80"}
+    assert not any(r["bias"] or r["dbias"] for r in report.values())
+    assert report["sm_90"]["mask_types"] == ["CAUSAL"] and "mha_backward" in report["sm_80"]["triton_kernels"]
 
 
 def test_target_bytes_within_1_3x_of_ideal_at_0_5b():

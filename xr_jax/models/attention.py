@@ -3,8 +3,11 @@
   attention(q, k, v, segment_ids, impl)           causal self-attention within packed segments (no KV cache)
       "einsum"  CPU: scores + mask, fp32 softmax; hand-written backward (it exists for CPU speed).
       "cudnn"   GPU: cuDNN flash attention, CAUSAL mask over the packed segments (ragged offsets from the
-                segment ids): no [T, T] bias operand, no dbias. The packed layout needs sm_90+ (Hopper);
-                older GPUs get cuDNN with the boolean mask as a bias (what jax offers there).
+                segment ids): no [T, T] bias operand, no dbias. jax's packed layout needs sm_90+ (Hopper);
+                older GPUs (A100, L4) take "pallas_gpu" instead of cuDNN with the mask as a dense bias.
+      "pallas_gpu"  GPU: jax's Pallas (Triton) flash attention (`pallas.ops.gpu.attention.mha`), causal with
+                segment ids, forward and backward kernels that skip the blocks above the diagonal; kv heads
+                repeated to the query heads (the kernel has no GQA).
       "splash"  TPU: Splash attention (Pallas) with a causal mask and segment ids.
   decode_attention(q, k, v, start, end, impl)     one query token per row over the live slots [start, end)
       "einsum"      CPU and the reference.
@@ -27,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-IMPLS = ("einsum", "cudnn", "splash")
+IMPLS = ("einsum", "cudnn", "pallas_gpu", "splash")
 DECODE_IMPLS = ("einsum", "pallas_gpu", "pallas_tpu")
 # query heads of one kv head padded to this in the Pallas GPU decode kernel (Triton dots need >= 16 rows)
 _GPU_BLOCK_H = 16
@@ -36,8 +39,8 @@ _GPU_BLOCK_H = 16
 def resolve_attention(impl: str, decoding: bool, dtype: str = "bfloat16", backend: str | None = None) -> str:
     """The kernel for a `ModelConfig.attention` setting: "auto" picks by backend (GPU cuDNN / Pallas GPU
     decode, TPU Splash / Pallas TPU decode, CPU einsum; cuDNN takes only 16-bit inputs, so fp32 training on
-    GPU stays einsum); "einsum" forces einsum for both; "cudnn" and "splash" name the training kernel and
-    imply their backend's decode kernel."""
+    GPU stays einsum); "einsum" forces einsum for both; "cudnn", "pallas_gpu" and "splash" name the training
+    kernel and imply their backend's decode kernel."""
     backend = backend or jax.default_backend()
     if impl == "auto":
         impl = {"gpu": "cudnn", "tpu": "splash"}.get(backend, "einsum")
@@ -45,7 +48,7 @@ def resolve_attention(impl: str, decoding: bool, dtype: str = "bfloat16", backen
             impl = "einsum"
     if not decoding:
         return impl
-    return {"einsum": "einsum", "cudnn": "pallas_gpu", "splash": "pallas_tpu"}[impl]
+    return {"einsum": "einsum", "cudnn": "pallas_gpu", "pallas_gpu": "pallas_gpu", "splash": "pallas_tpu"}[impl]
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -84,15 +87,16 @@ def attention(q, k, v, segment_ids, *, impl: str, max_segments: int = 32, interp
     Rows of padding (segment 0) see no key: their output is not defined across impls (each kernel gives
     its own), and no other row sees them. `max_segments` bounds the segments per row of the cuDNN packed
     layout (static); a row with more turns the output into NaN rather than attend across segments.
-    `interpret` runs the Splash kernel in Pallas interpret mode (CPU tests). Splash tiles the sequence by
-    128: other lengths take the einsum path."""
+    `interpret` runs the Pallas kernels in interpret mode (CPU tests). Splash tiles the sequence by 128:
+    other lengths take the einsum path; the Pallas GPU kernel pads them to its block."""
     t = q.shape[1]
     if impl == "einsum" or (impl == "splash" and t % 128):
         idx = jnp.arange(t)
-        return dot_product_attention(q, k, v, attention_mask(segment_ids, segment_ids, idx, idx), "einsum",
-                                     causal=True)
+        return dot_product_attention(q, k, v, attention_mask(segment_ids, segment_ids, idx, idx), causal=True)
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, segment_ids, max_segments)
+    if impl == "pallas_gpu":
+        return _pallas_gpu_attention(q, k, v, segment_ids, interpret)
     if impl == "splash":
         return _splash_attention(q, k, v, segment_ids, interpret)
     raise ValueError(f"unknown attention impl {impl!r}: use one of {IMPLS}")
@@ -102,9 +106,8 @@ def _cudnn_attention(q, k, v, segment_ids, max_segments):
     """cuDNN flash attention, CAUSAL mask per packed segment (ragged q/kv offsets): no bias, no dbias."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
-    if not cudnn.check_compute_capability("9.0"):  # the packed layout needs Hopper; keep the old path there
-        idx = jnp.arange(q.shape[1])
-        return dot_product_attention(q, k, v, attention_mask(segment_ids, segment_ids, idx, idx), "cudnn")
+    if not cudnn.check_compute_capability("9.0"):  # jax's packed layout needs Hopper
+        return _pallas_gpu_attention(q, k, v, segment_ids, False)
     seqlen, offsets, overflow = packed_segments(segment_ids, max_segments)
     out = cudnn.dot_product_attention(
         q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
@@ -113,6 +116,33 @@ def _cudnn_attention(q, k, v, segment_ids, max_segments):
     # padding slots belong to no segment: cuDNN leaves them unwritten
     out = jnp.where((segment_ids > 0)[:, :, None, None], out, 0)
     return jnp.where(overflow, jnp.nan, out).astype(q.dtype)
+
+
+def _pallas_gpu_attention(q, k, v, segment_ids, interpret):
+    """Triton flash attention (jax's Pallas GPU `mha`), causal within segments, per shard; jax's default
+    tiles (forward 128 x 128, backward 32 x 32: untuned here, no GPU was at hand). The sequence is padded to
+    a whole number of tiles with segment 0 (seen by no real token) and cut back after."""
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+
+    b, t, n, h = q.shape
+    blocks = gpu_attention.BlockSizes.get_default()
+    step = max(blocks.block_q, blocks.block_k)
+    pad = -t % step
+    if pad:
+        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
+
+    def run(q, k, v, seg):
+        g = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)  # GQA: the grads sum back over the copies
+        return gpu_attention.mha(q, k, v, seg, sm_scale=h**-0.5, causal=True, block_sizes=blocks,
+                                 interpret=interpret)
+
+    out = _per_shard(run, (q, k, v, segment_ids),
+                     (("act_batch", None, "act_heads", None), ("act_batch", None, "act_kv_heads", None),
+                      ("act_batch", None, "act_kv_heads", None), ("act_batch", None)),
+                     ("act_batch", None, "act_heads", None))
+    return out[:, :t].astype(q.dtype)
 
 
 def _splash_kernel(t: int, n: int, block: int, interpret: bool):
@@ -159,23 +189,19 @@ def _per_shard(fn, args, in_names, out_names):
 # ------------------------------------------------------------------------------------- einsum path
 
 
-def dot_product_attention(q, k, v, mask, impl: str, causal: bool = False):
-    """q [B,T,N,H], k/v [B,S,K,H] in the compute dtype; mask [B,1,T,S] bool. The CPU path (and decode's
-    reference); its custom backward exists for CPU speed.
+def dot_product_attention(q, k, v, mask, causal: bool = False):
+    """q [B,T,N,H], k/v [B,S,K,H] in the compute dtype; mask [B,1,T,S] bool. The CPU path (and the
+    reference of the kernels); its custom backward exists for CPU speed.
 
     `causal=True` promises that the mask is causal by position (query i sees no key j > i, S = T): the
-    "einsum" path then cuts the queries into blocks that skip the keys after them (`causal_blocks`).
-    Rows with no visible key at all (padding) are the one difference: they average over their block's
-    keys instead of all keys; such rows are never seen by any other row.
+    queries are then cut into blocks that skip the keys after them (`causal_blocks`). Rows with no
+    visible key at all (padding) are the one difference: they average over their block's keys instead of
+    all keys; such rows are never seen by any other row.
 
-    "einsum" mirrors transformers' eager path in the forward (scores in the compute dtype plus an additive
-    mask of the dtype's min, softmax in fp32, cast back); its backward is written out flash-style (see
-    `_attention_core`); "cudnn" is cuDNN through `jax.nn.dot_product_attention` with the mask as a bias
-    (pre-Hopper GPUs, see `_cudnn_attention`).
+    Mirrors transformers' eager path in the forward (scores in the compute dtype plus an additive mask of
+    the dtype's min, softmax in fp32, cast back); its backward is written out flash-style (see
+    `_attention_core`).
     """
-    if impl == "cudnn":
-        scale = q.shape[-1] ** -0.5
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
     # head-major operands (k/v [B, K, S, H]): batched matmuls in the canonical layout (XLA:CPU otherwise
     # transposes the [.., T, S] scores around each dot: attention fwd+bwd 36 -> 13 ms per layer of the
     # `small` preset)

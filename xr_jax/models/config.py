@@ -13,7 +13,7 @@ from typing import Literal, Optional
 # The runtime choices; `xr_jax.config` checks a run's values against these when it loads the config.
 DType = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots"]
-Attention = Literal["auto", "einsum", "cudnn", "splash"]
+Attention = Literal["auto", "einsum", "cudnn", "pallas_gpu", "splash"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +113,9 @@ class ModelConfig:
       param_dtype: dtype params are created/loaded in (fp32 master weights by default).
       scan_layers: run decoder/vision layers under `nn.scan` (stacked params) — faster compiles.
       remat: "none", "full" (recompute each layer) or "dots" (save matmul outputs only).
-      attention: "auto" (cuDNN flash attention on GPU, Splash on TPU, einsum on CPU; decode with the
-        backend's Pallas kernel), "einsum", "cudnn" or "splash" (`models.attention.resolve_attention`).
+      attention: "auto" (cuDNN flash attention on Hopper+ GPUs, Triton flash attention before, Splash on
+        TPU, einsum on CPU; decode with the backend's Pallas kernel), "einsum", "cudnn", "pallas_gpu" (the
+        Triton kernel on any GPU) or "splash" (`models.attention.resolve_attention`).
     """
 
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
