@@ -42,8 +42,13 @@ def text_rotary(positions, cfg: TextConfig, dtype):
         axis_of = np.concatenate([np.full(n, i % 3) for i, n in enumerate(cfg.mrope_section)])
     pos = jnp.swapaxes(positions, 1, 2)[..., axis_of]  # [B, T, hd/2]: the position each frequency rotates by
     freqs = pos.astype(jnp.float32) * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    # cos/sin of the hd/2 angles, widened to [cos, cos] by a 0/1 matmul (exact at HIGHEST precision): XLA
+    # keeps a dot's output, where it would fuse cos/sin into every layer's q and k rotation of an unrolled
+    # stack and evaluate them there again (on CPU, the slowest fusions of a small model's prefill)
+    widen = np.concatenate([np.eye(hd // 2), np.eye(hd // 2)], axis=1).astype(np.float32)
+    both = jnp.einsum("...f,fh->...h", jnp.stack([jnp.cos(freqs), jnp.sin(freqs)]), widen,
+                      precision=jax.lax.Precision.HIGHEST)
+    return both[0].astype(dtype), both[1].astype(dtype)
 
 
 class Attention(nn.Module):
