@@ -333,6 +333,8 @@ def test_decode_program_on_fsdp_mesh_gathers_no_weights_and_knows_its_trip_count
     with parallel.use_mesh(mesh):
         weights = sampler.weights(sharded)
         assert all(x.sharding.is_fully_replicated for x in jax.tree_util.tree_leaves(weights))
+        # the cast into that layout is compiled once per mesh, not once per Sampler (GRPO and eval each build one)
+        assert Sampler(CFG, GREEDY, mesh=mesh)._weights is sampler._weights
         cache, logits = sampling.prefill_jit(weights, *sampler._place(batch), model=CFG)
         args = (weights, cache, logits, sampler._put(batch.next_position),
                 sampler._put_keys(jax.random.split(jax.random.key(0), 8)), sampler.knobs())

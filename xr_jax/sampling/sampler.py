@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
@@ -433,6 +434,13 @@ decode_jit = jax.jit(_decode, static_argnames=("program",))
 weights_jit = jax.jit(decode_weights, static_argnames=("dtype",))
 
 
+@functools.lru_cache(maxsize=None)
+def replicated_weights_jit(mesh: jax.sharding.Mesh):
+    """`decode_weights` into the rollout layout on `mesh` (weights replicated, rows data-parallel); one jit
+    per mesh, so every Sampler on it shares the compiled cast."""
+    return jax.jit(decode_weights, static_argnames=("dtype",), out_shardings=NamedSharding(mesh, P()))
+
+
 class Sampler:
     """Sampling for one model config, sampling config and forced-exit setting.
 
@@ -455,9 +463,7 @@ class Sampler:
             raise ValueError("the ForcedExit was built for a different vocabulary size than the model's")
         self.cfg, self.scfg, self.mesh = cfg, scfg, mesh
         self.forced_exit = forced_exit if scfg.max_think is not None else None
-        self._weights = weights_jit
-        if mesh is not None:  # the rollout layout: weights replicated, rows data-parallel
-            self._weights = jax.jit(decode_weights, static_argnames=("dtype",), out_shardings=NamedSharding(mesh, P()))
+        self._weights = weights_jit if mesh is None else replicated_weights_jit(mesh)
 
     def weights(self, params):
         """The weights decoding reads (`qwen2.decode_weights` in `weight_dtype`), made once per `generate`."""
