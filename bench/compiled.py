@@ -24,8 +24,8 @@ Decode (`check_decode`):
             or K cache on a device); outside it, per chunk: collectives, the stop test's all-reduce of a
             pred[] reported apart (a scalar, not a weight collective); whether the loop has a known trip
             count (XLA:GPU synchronises with the host on every iteration of a loop without one).
-SFT attention (`check_sft_attention`): does the SFT step lowered for CUDA (sm_90 and sm_80) give attention a bias / dbias
-operand; needs `bench.attention_lowering` and jax-cuda12-plugin, reported as skipped otherwise.
+SFT attention (`check_sft_attention`): does the SFT step lowered for CUDA (sm_90 and sm_80) give attention a
+bias / dbias operand; needs `bench.attention_lowering` and jax-cuda12-plugin, reported as skipped otherwise.
 
 Only `decode_programs` knows the sampler's API (it builds the two programs); everything else reads HLO text
 and cost figures, so it holds for any decode implementation.

@@ -5,7 +5,8 @@
 #                                           # on 0.5B), then bench.gpu_rows (xr_jax only): 7B-shape decode at
 #                                           # B=64, prompt 1024 + 256 new; a GRPO rollout from fp32 master weights
 #                                           # cast to bf16, 8 prompts x 8; SFT of the 3B recipe at its production
-#                                           # tokens per device with the remat `xr-jax plan` picked; the decode's
+#                                           # tokens per device with the remat `xr-jax plan` picked (attention
+#                                           # auto, then the Triton kernel A100s run); the decode's
 #                                           # optimised GPU HLO in $OUT/decode_7b.hlo.txt, read by bench.compiled
 #   XR_BENCH_SIZE=tiny bash bench/gpu.sh    # the same at the tests' tiny size (CPU, CI)
 # Knobs: XR_BENCH_REPS (suite rounds, default 2), XR_BENCH_LAYERS (cut the 7B decode model to N layers),

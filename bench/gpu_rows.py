@@ -15,7 +15,9 @@ random weights, nothing downloaded):
                 (no stop ids): seconds and tokens/s, cast included.
   sft           the text model of `--sft-config` (default the 3B recipe: Qwen2.5-3B text shape, the remat
                 `xr-jax plan` picked, docs/plan.md) at its production tokens per device: train.batch_size /
-                (32 devices x train.microbatches) rows of train.seq_len per step, bf16, AdamW: tokens/s, MFU.
+                (32 devices x train.microbatches) rows of train.seq_len per step, bf16, AdamW: tokens/s, MFU;
+                the attention kernel `auto` picks (cuDNN on Hopper), then on a GPU the same step with the
+                Triton flash kernel (`attention: pallas_gpu`, what A100s run), side by side.
 Rows run in that order while `--deadline` (unix time) is ahead; later ones are reported as skipped. Writes
 OUT/gpu_rows.json and prints the suite's table (OUT/bench.json, when there) then these rows, last.
 """
@@ -111,13 +113,15 @@ def decode_and_rollout_rows(size: Size, dtype: str, layers: Optional[int], out: 
     return rows
 
 
-def sft_row(config_path: str, overrides: tuple[str, ...], dtype: str) -> dict:
+def sft_row(config_path: str, overrides: tuple[str, ...], dtype: str, attention: Optional[str] = None) -> dict:
     from xr_jax import config as config_lib
     from xr_jax.cli.plan import model_config
+    from xr_jax.models.attention import resolve_attention
 
     config = config_lib.load(config_path, list(overrides))
     tr = config.train
     cfg = model_config(config).replace(vision=None, dtype=dtype)
+    cfg = cfg.replace(attention=attention or cfg.attention)
     rows = max(1, tr.batch_size // (PAPER_DEVICES * tr.microbatches))
     batch = train_step.batch_arrays(rows, tr.seq_len, cfg.text.vocab_size)
     t0 = time.perf_counter()
@@ -126,7 +130,8 @@ def sft_row(config_path: str, overrides: tuple[str, ...], dtype: str) -> dict:
     step_s = min(run(2) for _ in range(2))
     tokens = rows * tr.seq_len
     peak = flops.peak_flops()
-    return {"row": "sft", "shape": f"{config.model.preset} text, remat {cfg.remat}",
+    return {"row": "sft", "shape": f"{config.model.preset} text, remat {cfg.remat}, "
+                                   f"attention {resolve_attention(cfg.attention, False, cfg.dtype)}",
             "setting": f"{rows}x{tr.seq_len} per device", "tokens_per_s": tokens / step_s, "step_ms": step_s * 1e3,
             "mfu": flops.text_train_flops(cfg, tokens, tr.seq_len) / step_s / peak if peak else None,
             "compile_s": warm}
@@ -168,6 +173,12 @@ def main(argv=None) -> list[dict]:
     rows = (decode_and_rollout_rows(size, dtype, args.layers, args.out, args.deadline) if time.time() < args.deadline
             else [skipped("decode"), skipped("grpo rollout")])
     rows.append(sft_row(args.sft_config, size.sft_overrides, dtype) if time.time() < args.deadline else skipped("sft"))
+    if on_gpu:  # the pre-Hopper kernel on this GPU too; a failure is a row, not the end of the others
+        try:
+            rows.append(sft_row(args.sft_config, size.sft_overrides, dtype, "pallas_gpu")
+                        if time.time() < args.deadline else skipped("sft"))
+        except Exception as e:  # noqa: BLE001
+            rows.append({"row": "sft", "skipped": f"pallas_gpu failed: {type(e).__name__}: {str(e)[:200]}"})
     with open(os.path.join(args.out, "gpu_rows.json"), "w") as f:
         json.dump({"machine": machine.describe(), "rows": rows}, f, indent=1)
     suite = os.path.join(args.out, "bench.json")
