@@ -431,14 +431,12 @@ def _decode(weights, prompt_cache, logits, next_position, row_keys, knobs: Decod
 # Module-level so every Sampler with the same static structure shares the compiled programs.
 prefill_jit = jax.jit(prefill, static_argnames=("model", "all_logits"))
 decode_jit = jax.jit(_decode, static_argnames=("program",))
-weights_jit = jax.jit(decode_weights, static_argnames=("dtype",))
-
-
 @functools.lru_cache(maxsize=None)
-def replicated_weights_jit(mesh: jax.sharding.Mesh):
-    """`decode_weights` into the rollout layout on `mesh` (weights replicated, rows data-parallel); one jit
-    per mesh, so every Sampler on it shares the compiled cast."""
-    return jax.jit(decode_weights, static_argnames=("dtype",), out_shardings=NamedSharding(mesh, P()))
+def weights_jit(mesh: Optional[jax.sharding.Mesh] = None):
+    """`decode_weights` jitted once per mesh (every Sampler on it shares the compiled cast); on a mesh, into
+    the rollout layout: weights replicated, rows data-parallel."""
+    layout = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
+    return jax.jit(decode_weights, static_argnames=("dtype",), **layout)
 
 
 class Sampler:
@@ -463,7 +461,7 @@ class Sampler:
             raise ValueError("the ForcedExit was built for a different vocabulary size than the model's")
         self.cfg, self.scfg, self.mesh = cfg, scfg, mesh
         self.forced_exit = forced_exit if scfg.max_think is not None else None
-        self._weights = weights_jit if mesh is None else replicated_weights_jit(mesh)
+        self._weights = weights_jit(mesh)
 
     def weights(self, params):
         """The weights decoding reads (`qwen2.decode_weights` in `weight_dtype`), made once per `generate`."""
